@@ -1,0 +1,97 @@
+"""Optimizer-state bytes and update time: APOLLO, APOLLO-Mini and optax.adamw.
+
+Transformer-shaped parameters (d_model 1024, 8 layers, SwiGLU MLP 2816, vocab 32000 by default).
+Prints one JSON line with the measured numbers and the ratios against AdamW.
+
+    python bench/optim.py [--d_model 1024 --layers 8 --rank 256 --iters 20]
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dreamjax import optim
+
+
+def transformer_params(d_model, layers, ffn, vocab):
+  """Returns zero params shaped like a dense decoder (names follow dreamjax.model)."""
+  layer = lambda: {
+      "attn": {k: jnp.zeros((d_model, d_model)) for k in ("q_proj", "k_proj", "v_proj", "o_proj")},
+      "mlp": {"gate_proj": jnp.zeros((d_model, ffn)), "up_proj": jnp.zeros((d_model, ffn)),
+              "down_proj": jnp.zeros((ffn, d_model))},
+      "input_norm": jnp.zeros((d_model,)),
+      "post_attention_norm": jnp.zeros((d_model,)),
+  }
+  return {"embed": jnp.zeros((vocab, d_model)), "layers": [layer() for _ in range(layers)],
+          "final_norm": jnp.zeros((d_model,)), "lm_head": jnp.zeros((d_model, vocab))}
+
+
+def state_bytes(opt, params):
+  """Bytes of the optimizer state for `params` (abstract: nothing is allocated)."""
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(opt.init, params)))
+
+
+def time_update(opt, params, iters):
+  state = opt.init(params)
+  grads = jax.tree.map(lambda p: jnp.full(p.shape, 1e-3, p.dtype), params)
+  update = jax.jit(opt.update)
+  u, state = update(grads, state, params)
+  jax.block_until_ready(u)
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    u, state = update(grads, state, params)
+    jax.block_until_ready(u)
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--d_model", type=int, default=1024)
+  ap.add_argument("--layers", type=int, default=8)
+  ap.add_argument("--ffn", type=int, default=2816)
+  ap.add_argument("--vocab", type=int, default=32000)
+  ap.add_argument("--rank", type=int, default=256)
+  ap.add_argument("--iters", type=int, default=20)
+  args = ap.parse_args()
+  params = transformer_params(args.d_model, args.layers, args.ffn, args.vocab)
+  labels = optim.default_label_fn(params)
+  projected = [p for p, l in zip(jax.tree.leaves(params), jax.tree.leaves(labels)) if l == "apollo"]
+  expected_apollo = sum(2 * args.rank * max(p.shape) * 4 for p in projected)  # float32 moments
+  expected_mini = sum(2 * 1 * max(p.shape) * 4 for p in projected)
+  opts = {
+      "adamw": optax.adamw(1e-3),
+      "apollo": optim.apollo(1e-3, rank=args.rank),
+      "apollo_mini": optim.apollo_mini(1e-3),
+  }
+  out = {"device": jax.devices()[0].platform, "d_model": args.d_model, "layers": args.layers,
+         "rank": args.rank, "param_count": int(sum(p.size for p in jax.tree.leaves(params))),
+         "projected_param_count": int(sum(p.size for p in projected))}
+  for name, opt in opts.items():
+    out[f"{name}_state_bytes"] = state_bytes(opt, params)
+    # Projected leaves alone (all labelled 'apollo'): moments plus the O(1) per-leaf scalars.
+    out[f"{name}_projected_state_bytes"] = state_bytes(opt, projected)
+    out[f"{name}_update_s"] = time_update(opt, params, args.iters)
+  out["apollo_projected_state_expected_bytes"] = expected_apollo
+  out["apollo_mini_projected_state_expected_bytes"] = expected_mini
+  # The limiter scalar, the raw key and the count are the O(1) extras per projected leaf.
+  out["apollo_projected_extra_bytes"] = out["apollo_projected_state_bytes"] - expected_apollo
+  adam_proj = out["adamw_projected_state_bytes"]
+  out["ratio_apollo_vs_adamw_projected"] = out["apollo_projected_state_bytes"] / adam_proj
+  out["ratio_apollo_mini_vs_adamw_projected"] = out["apollo_mini_projected_state_bytes"] / adam_proj
+  out["ratio_apollo_vs_adamw_total"] = out["apollo_state_bytes"] / out["adamw_state_bytes"]
+  out["ratio_apollo_mini_vs_adamw_total"] = out["apollo_mini_state_bytes"] / out["adamw_state_bytes"]
+  out["ratio_apollo_update_time_vs_adamw"] = out["apollo_update_s"] / out["adamw_update_s"]
+  out["ratio_apollo_mini_update_time_vs_adamw"] = out["apollo_mini_update_s"] / out["adamw_update_s"]
+  out["target_mini_le_1_over_100"] = out["ratio_apollo_mini_vs_adamw_projected"] <= 0.01
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,3 @@
+"""dreamjax: behavioural fine-tuning without forgetting, in JAX."""
+
+__version__ = "0.1.0"

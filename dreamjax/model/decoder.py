@@ -1,0 +1,285 @@
+"""The decoder: Qwen3 (dense) and Qwen3.5 (Gated DeltaNet + gated attention) as pure functions.
+
+Params are a plain nested dict (what jit, sharding, Orbax and optax see); `layers` is a list with
+one dict per layer (the two layer kinds hold different leaves, so they are not stacked). Every
+projection matrix is 2-D and stored (in_features, out_features), y = x @ W:
+
+    embed                      (V, D)              token embedding (also the head when tied)
+    lm_head                    (D, V)              absent when tie_embeddings
+    final_norm                 (D,)
+    layers[i].input_norm, .post_attention_norm     (D,)
+    layers[i].mlp.{gate_proj, up_proj} (D, F); down_proj (F, D)
+    layers[i].attn (full_attention):
+      q_proj (D, H·hd·(2 if attn_output_gate)): per head [query hd | gate hd] (HF's interleaving)
+      k_proj/v_proj (D, KV·hd), o_proj (H·hd, D), q_norm/k_norm (hd,)
+    layers[i].linear_attn (linear_attention, Gated DeltaNet):
+      in_proj_qkv (D, 2·Hk·dk + Hv·dv): columns [q | k | v], each head-major
+      in_proj_z (D, Hv·dv), in_proj_b/in_proj_a (D, Hv), out_proj (Hv·dv, D)
+      conv_weight (K, 2·Hk·dk + Hv·dv): depthwise causal conv taps, row K−1 hits the current token
+      A_log/dt_bias (Hv,), norm (dv,)
+
+Names carry roles for the optimizer: APOLLO's default label function projects 2-D leaves whose
+path has none of 'embed', 'lm_head', 'norm', 'conv', so `conv_weight` (2-D but a kernel, not a
+projection), the embeddings and all norms go to its AdamW branch; 1-D leaves (norms, A_log,
+dt_bias) are never projected.
+
+Norm weights are used as stored: `w` for Qwen3, `1 + w` for Qwen3.5 (config.norm_zero_centered),
+except the DeltaNet output norm `linear_attn.norm`, which is always a plain `w` (as in HF).
+
+`forward(params, tokens, positions, mask, cache=None, *, config)` returns (logits, cache):
+without a cache it processes the whole sequence (training); with one it writes the new tokens at
+`cache.end` and continues (prefill from an empty cache, decoding, context-frozen training).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dreamjax.model import deltanet
+from dreamjax.model.cache import AttentionCache, Cache, DeltaNetCache, init_cache
+from dreamjax.model.config import FULL, LINEAR, ModelConfig
+
+Params = dict
+
+_NEG = -1e30  # finite "minus infinity": a query with no visible key gets uniform, finite weights
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float, zero_centered: bool) -> jax.Array:
+  """Returns x / rms(x) · (1 + w) (zero-centred, Qwen3.5) or · w (Qwen3); computed in float32."""
+  xf = x.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  scale = 1.0 + w.astype(jnp.float32) if zero_centered else w.astype(jnp.float32)
+  return (y * scale).astype(x.dtype)
+
+
+def rope_tables(positions_BxT: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+  """Returns cos, sin of shape (B, T, rotary_dim): RoPE angles pos · θ^(−2i/rotary_dim), doubled."""
+  dim = config.rotary_dim
+  inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+  freqs = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x_BxTxNxH: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Returns x with its first rotary_dim dims rotated (rotate-half layout), the rest passed."""
+  rd = cos.shape[-1]
+  xr, xp = x_BxTxNxH[..., :rd].astype(jnp.float32), x_BxTxNxH[..., rd:]
+  half = rd // 2
+  rotated = jnp.concatenate([-xr[..., half:], xr[..., :half]], axis=-1)
+  out = xr * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+  return jnp.concatenate([out.astype(x_BxTxNxH.dtype), xp], axis=-1)
+
+
+def mlp(p: Params, x: jax.Array) -> jax.Array:
+  """Returns the SwiGLU MLP: down(silu(x·gate) ⊙ x·up)."""
+  return (jax.nn.silu(x @ p["gate_proj"]) * (x @ p["up_proj"])) @ p["down_proj"]
+
+
+def attention(p, x_BxTxD, cos, sin, mask_BxT, layer_cache: Optional[AttentionCache], slots, config):
+  """Returns (output_BxTxD, new layer cache): GQA with q/k norm, RoPE and optional output gate."""
+  b, t, _ = x_BxTxD.shape
+  h, kv, hd = config.num_heads, config.num_kv_heads, config.head_dim
+  q = x_BxTxD @ p["q_proj"]
+  if config.attn_output_gate:  # per head: [query (hd) | gate (hd)]
+    q = q.reshape(b, t, h, 2 * hd)
+    q, gate = q[..., :hd], q[..., hd:].reshape(b, t, h * hd)
+  else:
+    q, gate = q.reshape(b, t, h, hd), None
+  k = (x_BxTxD @ p["k_proj"]).reshape(b, t, kv, hd)
+  v = (x_BxTxD @ p["v_proj"]).reshape(b, t, kv, hd)
+  zc = config.norm_zero_centered
+  q = apply_rope(rms_norm(q, p["q_norm"], config.rms_norm_eps, zc), cos, sin)
+  k = apply_rope(rms_norm(k, p["k_norm"], config.rms_norm_eps, zc), cos, sin)
+  key_valid_BxS, key_slot_S, query_slot_T, end = slots
+  if layer_cache is not None:
+    write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), end, axis=1)
+    k_all, v_all = write(layer_cache.k_BxSxKxH, k), write(layer_cache.v_BxSxKxH, v)
+    new_cache = AttentionCache(k_all, v_all)
+  else:
+    k_all, v_all, new_cache = k, v, None
+  qg = q.reshape(b, t, kv, h // kv, hd)
+  scores = jnp.einsum("btkgh,bskh->bkgts", qg, k_all.astype(q.dtype), preferred_element_type=jnp.float32)
+  scores = scores * (hd**-0.5)
+  allowed = key_valid_BxS[:, None, None, None, :] & (key_slot_S[None, :] <= query_slot_T[:, None])
+  weights = jax.nn.softmax(jnp.where(allowed, scores, _NEG), axis=-1).astype(v_all.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", weights, v_all).reshape(b, t, h * hd).astype(x_BxTxD.dtype)
+  if gate is not None:
+    out = out * jax.nn.sigmoid(gate)
+  return out @ p["o_proj"], new_cache
+
+
+def gated_deltanet(p, x_BxTxD, mask_BxT, layer_cache: Optional[DeltaNetCache], config):
+  """Returns (output_BxTxD, new layer cache) of a Gated DeltaNet layer.
+
+  beta = σ(x·W_b), g = −exp(A_log)·softplus(x·W_a + dt_bias). Padded tokens get beta = 0 and
+  g = 0, so the delta rule leaves the state exactly as it was (their value correction is zero,
+  whatever their k), and the causal conv skips them (deltanet.causal_conv with the mask).
+  """
+  b, t, _ = x_BxTxD.shape
+  hk, hv = config.linear_num_key_heads, config.linear_num_value_heads
+  dk, dv = config.linear_key_head_dim, config.linear_value_head_dim
+  m = mask_BxT.astype(x_BxTxD.dtype)
+  x = x_BxTxD * m[..., None]
+  qkv = x @ p["in_proj_qkv"]
+  z = (x @ p["in_proj_z"]).reshape(b, t, hv, dv)
+  mf = m.astype(jnp.float32)[..., None]
+  beta = jax.nn.sigmoid((x @ p["in_proj_b"]).astype(jnp.float32)) * mf
+  g = -jnp.exp(p["A_log"].astype(jnp.float32)) * jax.nn.softplus(
+      (x @ p["in_proj_a"]).astype(jnp.float32) + p["dt_bias"].astype(jnp.float32)) * mf
+  k_conv = config.linear_conv_kernel
+  tail = layer_cache.conv_BxKm1xC if layer_cache is not None else jnp.zeros((b, k_conv - 1, qkv.shape[-1]), qkv.dtype)
+  qkv, new_tail = deltanet.causal_conv(qkv, p["conv_weight"], tail, mask_BxT)
+  kd = config.linear_key_dim
+  q = qkv[..., :kd].reshape(b, t, hk, dk)
+  k = qkv[..., kd : 2 * kd].reshape(b, t, hk, dk)
+  v = qkv[..., 2 * kd :].reshape(b, t, hv, dv)
+  state = layer_cache.state_BxHxKxV if layer_cache is not None else None
+  if t == 1:
+    o, new_state = deltanet.recurrent_delta_rule(q, k, v, g, beta, state)
+  else:
+    o, new_state = deltanet.chunked_delta_rule(q, k, v, g, beta, state, config.chunk_size)
+  # Gated RMSNorm per head: w · norm(o) · silu(z) (w is a plain scale, not zero-centred).
+  o = rms_norm(o, p["norm"], config.rms_norm_eps, zero_centered=False)
+  o = (o.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))).astype(x.dtype)
+  out = o.reshape(b, t, hv * dv) @ p["out_proj"]
+  new_cache = DeltaNetCache(new_state, new_tail.astype(tail.dtype)) if layer_cache is not None else None
+  return out, new_cache
+
+
+def _layer(p, kind, x, cos, sin, mask, layer_cache, slots, config):
+  zc, eps = config.norm_zero_centered, config.rms_norm_eps
+  h = rms_norm(x, p["input_norm"], eps, zc)
+  if kind == FULL:
+    out, new_cache = attention(p["attn"], h, cos, sin, mask, layer_cache, slots, config)
+  else:
+    out, new_cache = gated_deltanet(p["linear_attn"], h, mask, layer_cache, config)
+  x = x + out
+  x = x + mlp(p["mlp"], rms_norm(x, p["post_attention_norm"], eps, zc))
+  return x, new_cache
+
+
+def forward(
+    params: Params,
+    tokens_BxT: jax.Array,
+    positions_BxT: jax.Array,
+    mask_BxT: jax.Array,
+    cache: Optional[Cache] = None,
+    *,
+    config: ModelConfig,
+    remat: bool = False,
+    return_hidden: bool = False,
+):
+  """Returns (logits_BxTxV, cache) — or (logits, cache, hidden) with return_hidden.
+
+  Args:
+    tokens_BxT, positions_BxT: token ids and their RoPE positions (explicit, so left padding works).
+    mask_BxT: 1 for real tokens, 0 for padding. Pads may sit anywhere in a row (left-padded
+      contexts, right-padded responses): no real token attends to them, and they change neither
+      the DeltaNet recurrent state nor its conv window, so real tokens get the logits they would
+      get without the pads. Logits at pads are finite but meaningless.
+    cache: None (whole sequence, returns cache None) or a Cache to continue from: the T tokens
+      are written at slots [cache.end, cache.end + T). That must fit in its capacity: T alone is
+      checked here, but `end` is traced, and XLA clamps an out-of-range write (it would silently
+      overwrite the last slots), so size the cache for the whole continuation.
+    remat: rematerialise each decoder layer in the backward pass (jax.checkpoint).
+    return_hidden: also return the residual stream entering each layer and the final one,
+      a list of L + 1 arrays (B, T, D) (for per-layer health monitors).
+  """
+  b, t = tokens_BxT.shape
+  mask = mask_BxT.astype(bool)
+  x = jnp.take(params["embed"], tokens_BxT, axis=0)
+  cos, sin = rope_tables(positions_BxT, config)
+  if cache is not None:
+    if t > cache.capacity:
+      raise ValueError(f"forward: {t} new tokens do not fit a cache of capacity {cache.capacity}")
+    end = cache.end
+    valid = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, mask, end, axis=1)
+    slots = (valid, jnp.arange(cache.capacity), end + jnp.arange(t), end)
+  else:
+    slots = (mask, jnp.arange(t), jnp.arange(t), 0)
+  layer_fn = jax.checkpoint(_layer, static_argnums=(1, 8)) if remat else _layer
+  new_layers, hidden = [], []
+  for i, (kind, p) in enumerate(zip(config.layer_types, params["layers"])):
+    hidden.append(x)
+    x, lc = layer_fn(p, kind, x, cos, sin, mask, cache.layers[i] if cache is not None else None, slots, config)
+    new_layers.append(lc)
+  hidden.append(x)
+  x = rms_norm(x, params["final_norm"], config.rms_norm_eps, config.norm_zero_centered)
+  head = params["embed"].T if config.tie_embeddings else params["lm_head"]
+  logits = x @ head
+  new_cache = Cache(tuple(new_layers), slots[0], cache.end + t) if cache is not None else None
+  if return_hidden:
+    return logits, new_cache, hidden
+  return logits, new_cache
+
+
+def prefill(params, tokens_BxT, positions_BxT, mask_BxT, *, config: ModelConfig, capacity: int, dtype=None):
+  """Returns (logits, cache): the tokens run from an empty cache with room for `capacity` tokens."""
+  cache = init_cache(config, tokens_BxT.shape[0], capacity, dtype or params["embed"].dtype)
+  return forward(params, tokens_BxT, positions_BxT, mask_BxT, cache, config=config)
+
+
+def positions_from_mask(mask_BxT: jax.Array, offset_B: Optional[jax.Array] = None) -> jax.Array:
+  """Returns RoPE positions that count only real tokens (0 for left pads), plus an offset per row."""
+  pos = jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=1) - 1, 0)
+  return pos if offset_B is None else pos + offset_B[:, None]
+
+
+def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
+  """Returns randomly initialised params (normal(0, std) matrices; norms at identity).
+
+  Jitted, with one random draw per kind of tensor (not one per tensor), so it compiles in well
+  under a second for tiny configs and can be vmapped over keys.
+  """
+  return _init_params(config, key, jnp.dtype(dtype), float(std))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _init_params(config: ModelConfig, key: jax.Array, dtype, std: float) -> Params:
+  d, f, hv = config.hidden_size, config.intermediate_size, config.linear_num_value_heads
+  h, kv, hd = config.num_heads, config.num_kv_heads, config.head_dim
+  norm = lambda n: jnp.zeros((n,), dtype) if config.norm_zero_centered else jnp.ones((n,), dtype)
+  layers = []
+  for kind in config.layer_types:
+    layer = {"input_norm": norm(d), "post_attention_norm": norm(d),
+             "mlp": {"gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}}
+    if kind == FULL:
+      layer["attn"] = {"q_proj": (d, h * hd * (2 if config.attn_output_gate else 1)), "k_proj": (d, kv * hd),
+                       "v_proj": (d, kv * hd), "o_proj": (h * hd, d), "q_norm": norm(hd), "k_norm": norm(hd)}
+    else:
+      layer["linear_attn"] = {
+          "in_proj_qkv": (d, config.linear_conv_dim), "in_proj_z": (d, config.linear_value_dim),
+          "in_proj_b": (d, hv), "in_proj_a": (d, hv), "out_proj": (config.linear_value_dim, d),
+          "conv_weight": None, "A_log": None,  # filled below
+          "dt_bias": jnp.ones((hv,), dtype), "norm": jnp.ones((config.linear_value_head_dim,), dtype)}
+    layers.append(layer)
+  params = {"embed": (config.vocab_size, d), "layers": layers, "final_norm": norm(d)}
+  if not config.tie_embeddings:
+    params["lm_head"] = (d, config.vocab_size)
+
+  # Every matrix (a shape tuple above) is a slice of one normal draw.
+  is_shape = lambda x: isinstance(x, tuple)
+  shapes, treedef = jax.tree.flatten(params, is_leaf=lambda x: is_shape(x) or x is None)
+  sizes = [math.prod(s) if is_shape(s) else 0 for s in shapes]
+  k_mat, k_conv, k_a = jax.random.split(key, 3)
+  flat = jax.random.normal(k_mat, (sum(sizes),), jnp.float32) * std
+  offsets = np.cumsum([0] + sizes)
+  leaves = [(flat[o : o + n].reshape(s)).astype(dtype) if is_shape(s) else s
+            for s, o, n in zip(shapes, offsets, sizes)]
+  params = jax.tree.unflatten(treedef, leaves)
+  n_lin = config.layer_types.count(LINEAR)
+  if n_lin:
+    conv = jax.random.normal(k_conv, (n_lin, config.linear_conv_kernel, config.linear_conv_dim)) / math.sqrt(
+        config.linear_conv_kernel)
+    a_log = jnp.log(jax.random.uniform(k_a, (n_lin, hv), jnp.float32, 0.01, 16.0))
+    lin = [p["linear_attn"] for p in params["layers"] if "linear_attn" in p]
+    for i, p in enumerate(lin):
+      p["conv_weight"], p["A_log"] = conv[i].astype(dtype), a_log[i].astype(dtype)
+  return params

@@ -1,0 +1,246 @@
+"""Hugging Face interop: safetensors ↔ params (per tensor), tokenizer.json, config.json.
+
+Loading streams one tensor at a time from `safe_open` (single file or a sharded
+`model.safetensors.index.json`), converts its layout and dtype, and hands it to an optional
+`place(path, array)` callback (e.g. `jax.device_put` onto that parameter's sharding) before the
+next tensor is read, so host memory never holds more than one tensor of the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Callable, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+
+from dreamjax.model.config import FULL, ConfigError, ModelConfig
+
+# HF prefixes of the text decoder: Qwen3ForCausalLM / Qwen3_5ForCausalLM use "model.", the
+# multimodal Qwen3_5ForConditionalGeneration checkpoints use "model.language_model.".
+_PREFIXES = ("model.language_model.", "model.")
+_IGNORED_PREFIXES = ("model.visual.", "visual.", "mtp.")  # vision tower, multi-token prediction
+
+
+class CheckpointError(ValueError):
+  """A model folder's weights are missing, incomplete or do not match its config."""
+
+
+def _entries(config: ModelConfig) -> Iterator[tuple[tuple, str, str, tuple]]:
+  """Yields (param path, HF name without prefix, layout kind, our shape) for every parameter."""
+  d, f = config.hidden_size, config.intermediate_size
+  yield ("embed",), "embed_tokens.weight", "same", (config.vocab_size, d)
+  yield ("final_norm",), "norm.weight", "same", (d,)
+  for i, kind in enumerate(config.layer_types):
+    pre, lp = f"layers.{i}.", ("layers", i)
+    yield lp + ("input_norm",), pre + "input_layernorm.weight", "same", (d,)
+    yield lp + ("post_attention_norm",), pre + "post_attention_layernorm.weight", "same", (d,)
+    for name, shape in (("gate_proj", (d, f)), ("up_proj", (d, f)), ("down_proj", (f, d))):
+      yield lp + ("mlp", name), f"{pre}mlp.{name}.weight", "linear", shape
+    if kind == FULL:
+      h, kv, hd = config.num_heads, config.num_kv_heads, config.head_dim
+      qw = h * hd * (2 if config.attn_output_gate else 1)
+      for name, shape in (("q_proj", (d, qw)), ("k_proj", (d, kv * hd)), ("v_proj", (d, kv * hd)),
+                          ("o_proj", (h * hd, d))):
+        yield lp + ("attn", name), f"{pre}self_attn.{name}.weight", "linear", shape
+      for name in ("q_norm", "k_norm"):
+        yield lp + ("attn", name), f"{pre}self_attn.{name}.weight", "same", (hd,)
+    else:
+      hv, la = config.linear_num_value_heads, lp + ("linear_attn",)
+      for name, shape in (("in_proj_qkv", (d, config.linear_conv_dim)), ("in_proj_z", (d, config.linear_value_dim)),
+                          ("in_proj_b", (d, hv)), ("in_proj_a", (d, hv)), ("out_proj", (config.linear_value_dim, d))):
+        yield la + (name,), f"{pre}linear_attn.{name}.weight", "linear", shape
+      yield la + ("conv_weight",), f"{pre}linear_attn.conv1d.weight", "conv", (config.linear_conv_kernel, config.linear_conv_dim)
+      yield la + ("A_log",), f"{pre}linear_attn.A_log", "same", (hv,)
+      yield la + ("dt_bias",), f"{pre}linear_attn.dt_bias", "same", (hv,)
+      yield la + ("norm",), f"{pre}linear_attn.norm.weight", "same", (config.linear_value_head_dim,)
+  if not config.tie_embeddings:
+    yield ("lm_head",), "lm_head.weight", "linear", (d, config.vocab_size)
+
+
+def _to_ours(x, kind):
+  if kind == "linear":
+    return x.T
+  if kind == "conv":  # HF (C, 1, K) depthwise Conv1d -> (K, C)
+    return x[:, 0, :].T
+  return x
+
+
+def _to_hf(x, kind):
+  if kind == "linear":
+    return x.T
+  if kind == "conv":
+    return x.T[:, None, :]
+  return x
+
+
+def _weight_files(folder: str) -> dict[str, str]:
+  """Returns {tensor name: file} for a single-file or sharded safetensors checkpoint."""
+  index = os.path.join(folder, "model.safetensors.index.json")
+  single = os.path.join(folder, "model.safetensors")
+  if os.path.isfile(index):
+    try:
+      with open(index, encoding="utf-8") as f:
+        weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError) as e:
+      raise CheckpointError(f"{index}: malformed index (expected a 'weight_map' object): {e}") from None
+    for fname in set(weight_map.values()):
+      if not os.path.isfile(os.path.join(folder, fname)):
+        raise CheckpointError(f"{index}: shard {fname!r} is listed but missing from {folder}")
+    return {k: os.path.join(folder, v) for k, v in weight_map.items()}
+  if os.path.isfile(single):
+    with safe_open(single, framework="numpy") as f:
+      return {k: single for k in f.keys()}
+  raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json (no weights found)")
+
+
+def _host():
+  """Returns a context that makes new arrays land on the host CPU (no-op where there is none).
+
+  safetensors' flax reader (the one that handles bfloat16) creates a jax array on the default
+  device; staging on the CPU instead means a tensor reaches an accelerator only through `place`,
+  straight onto its sharding, never first whole on device 0.
+  """
+  try:
+    return jax.default_device(jax.devices("cpu")[0])
+  except RuntimeError:  # JAX_PLATFORMS without cpu
+    return contextlib.nullcontext()
+
+
+def _set(tree, path, value):
+  node = tree
+  for key in path[:-1]:
+    node = node[key]
+  node[path[-1]] = value
+
+
+def _skeleton(config: ModelConfig) -> dict:
+  layers = []
+  for kind in config.layer_types:
+    layers.append({"mlp": {}, ("attn" if kind == FULL else "linear_attn"): {}})
+  return {"layers": layers}
+
+
+def load_params(
+    folder: str,
+    config: Optional[ModelConfig] = None,
+    dtype=jnp.float32,
+    place: Optional[Callable[[tuple, jax.Array], jax.Array]] = None,
+) -> dict:
+  """Returns params read from a HF folder, one tensor at a time, cast to `dtype`.
+
+  Args:
+    place: optional `(path, array) -> array` called on each tensor as soon as it is read, with
+      its params path, e.g. `('layers', 3, 'attn', 'q_proj')` or `('embed',)`, and the array
+      (already in our layout and `dtype`, on the host CPU), e.g.
+      `lambda path, x: jax.device_put(x, sharding_for(path))`; default: the default device.
+  """
+  config = config or ModelConfig.from_hf(folder)
+  files = _weight_files(folder)
+  by_name = {}
+  for full in files:
+    if full.startswith(_IGNORED_PREFIXES):
+      continue
+    short = full
+    for p in _PREFIXES:
+      if full.startswith(p):
+        short = full[len(p) :]
+        break
+    by_name[short] = full
+  params = _skeleton(config)
+  expected = set()
+  handles = {}
+  try:
+    for path, name, kind, shape in _entries(config):
+      expected.add(name)
+      if name not in by_name:
+        raise CheckpointError(f"{folder}: tensor '{name}' is missing from the checkpoint (needed for {path})")
+      full = by_name[name]
+      fname = files[full]
+      if fname not in handles:
+        handles[fname] = safe_open(fname, framework="flax")
+      with _host():  # read, transpose and cast on the host CPU; `place` moves it on
+        x = handles[fname].get_tensor(full)
+        hf_shape = tuple(_to_hf(np.empty(shape, np.int8), kind).shape)
+        if tuple(x.shape) != hf_shape:
+          raise CheckpointError(
+              f"{fname}: tensor '{full}' has shape {tuple(x.shape)}; the config expects {hf_shape} "
+              f"(ours: {shape} for {path})"
+          )
+        x = _to_ours(x, kind).astype(dtype)
+      x = place(path, x) if place is not None else jax.device_put(x, jax.devices()[0])
+      _set(params, path, x)
+  finally:
+    handles.clear()
+  extra = sorted(set(by_name) - expected)
+  if config.tie_embeddings:
+    extra = [e for e in extra if e != "lm_head.weight"]  # tied checkpoints may still store it
+  if extra:
+    where = sorted({files[by_name[e]] for e in extra})
+    raise CheckpointError(
+        f"{', '.join(where)}: unexpected tensors not in the config: {extra[:5]}{' …' if len(extra) > 5 else ''}")
+  return params
+
+
+def save_hf(folder: str, params: dict, config: ModelConfig, max_shard_bytes: int = 4 << 30) -> None:
+  """Writes config.json and safetensors (sharded with an index past max_shard_bytes) to `folder`.
+
+  Tensors are gathered one at a time into the current shard; transformers loads the folder with
+  `AutoModelForCausalLM.from_pretrained`.
+  """
+  from safetensors.numpy import save_file
+
+  os.makedirs(folder, exist_ok=True)
+  shards, current, size = [], {}, 0
+  for path, name, kind, _ in _entries(config):
+    node = params
+    for key in path:
+      node = node[key]
+    x = np.asarray(jax.device_get(node))  # bfloat16 stays bfloat16 (an ml_dtypes numpy dtype)
+    x = np.ascontiguousarray(_to_hf(x, kind))
+    if current and size + x.nbytes > max_shard_bytes:
+      shards.append(current)
+      current, size = {}, 0
+    current["model." + name if name != "lm_head.weight" else name] = x
+    size += x.nbytes
+  shards.append(current)
+  index = os.path.join(folder, "model.safetensors.index.json")
+  if len(shards) == 1:
+    if os.path.exists(index):  # a stale index would take precedence over the new single file
+      os.remove(index)
+    save_file(shards[0], os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+  else:
+    weight_map = {}
+    for i, shard in enumerate(shards):
+      fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+      save_file(shard, os.path.join(folder, fname), metadata={"format": "pt"})
+      weight_map.update({k: fname for k in shard})
+    with open(index, "w") as f:
+      json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+  raw = config.to_hf_dict()
+  raw["torch_dtype"] = raw["dtype"] = str(np.dtype(params["embed"].dtype))  # what from_pretrained defaults to
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(raw, f, indent=1)
+
+
+def load_tokenizer(folder: str):
+  """Returns the `tokenizers.Tokenizer` of a model folder's tokenizer.json."""
+  from tokenizers import Tokenizer
+
+  path = os.path.join(folder, "tokenizer.json")
+  if not os.path.isfile(path):
+    raise ConfigError(f"{folder}: no tokenizer.json (expected a Hugging Face tokenizer file)")
+  try:
+    return Tokenizer.from_file(path)
+  except Exception as e:  # tokenizers raises a bare Exception on malformed files
+    raise ConfigError(f"{path}: cannot be read as a tokenizer: {e}") from None
+
+
+def load(folder: str, dtype=jnp.float32, place=None) -> tuple[ModelConfig, dict]:
+  """Returns (config, params) of a local HF model folder."""
+  config = ModelConfig.from_hf(folder)
+  return config, load_params(folder, config, dtype=dtype, place=place)

@@ -1,0 +1,273 @@
+"""One jitted preference step; the gradient mode and the objective are arguments.
+
+gradient_mode='frozen' (the gradient-scale defence): all context tokens but the last are
+prefilled under stop_gradient into a Cache; the cache is broadcast to chosen and rejected (the
+context is encoded once per example); [last context token] + response then run from the cache
+with gradient. The gradient still reaches every weight through the response tokens' own
+computation (their queries read the frozen K/V, DeltaNet continues from the frozen state), but
+nothing flows back into how the context was encoded.
+
+gradient_mode='full': the standard baseline (what TRL does): context + response in one forward,
+backpropagating through the context, separately for chosen and rejected.
+
+Both modes give the same loss; frozen mode's gradient equals full mode's gradient with
+stop_gradient on the activations of every context position but the last.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from dreamjax import objectives as obj
+from dreamjax.model import ModelConfig, broadcast_cache, forward, init_cache, positions_from_mask, prefill
+from dreamjax.train.batch import PreferenceBatch
+
+GRADIENT_MODES = ("frozen", "full")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes; a pytree ready for Orbax."""
+
+  params: Any  # model params (float32 master weights)
+  opt_state: Any  # optax state (incl. APOLLO keys and low-rank moments)
+  step: jax.Array  # int32 scalar
+  rng: jax.Array  # PRNG key; per-step randomness is fold_in(rng, step)
+
+
+def init_train_state(params, optimizer: optax.GradientTransformation, seed: int = 0) -> TrainState:
+  return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), jax.random.PRNGKey(seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-sequence log-probabilities of the responses, in either gradient mode.
+
+
+def _response_inputs(batch: PreferenceBatch):
+  """Returns the response pass inputs for chosen and rejected stacked as (2B, R)."""
+  resp = jnp.stack([batch.chosen_BxR, batch.rejected_BxR], axis=1)  # (B, 2, R)
+  rmask = jnp.stack([batch.chosen_mask_BxR, batch.rejected_mask_BxR], axis=1)
+  b, _, r = resp.shape
+  return resp.reshape(2 * b, r), rmask.reshape(2 * b, r)
+
+
+def response_logprobs_frozen(params, batch: PreferenceBatch, config: ModelConfig, remat: bool = False):
+  """Returns (chosen, rejected) SeqLogProbs with the context frozen (see module docstring)."""
+  ctx, cmask = batch.context_BxC, batch.context_mask_BxC
+  b, c = ctx.shape
+  resp, rmask = _response_inputs(batch)  # (2B, R)
+  r = resp.shape[1]
+  cpos = positions_from_mask(cmask)
+  frozen = jax.lax.stop_gradient(params)
+  if c > 1:
+    _, cache = prefill(frozen, ctx[:, :-1], cpos[:, :-1], cmask[:, :-1], config=config, capacity=c - 1 + r)
+  else:
+    cache = init_cache(config, b, r, params["embed"].dtype)
+  cache = jax.lax.stop_gradient(broadcast_cache(cache, 2))  # one context, two continuations
+  rep = lambda x: jnp.repeat(x, 2, axis=0)
+  inp = jnp.concatenate([rep(ctx[:, -1:]), resp[:, :-1]], axis=1)  # [last context token, resp[:-1]]
+  imask = jnp.concatenate([jnp.ones((2 * b, 1), rmask.dtype), rmask[:, :-1]], axis=1)
+  n_ctx = jnp.sum(cmask, axis=1)
+  ipos = rep(n_ctx - 1)[:, None] + jnp.arange(r)[None, :]
+  logits, _ = forward(params, inp, ipos, imask, cache, config=config, remat=remat)
+  lp = obj.sequence_logprobs(logits, resp, rmask)
+  split = lambda i: obj.SeqLogProbs(*(x[i::2] for x in lp))
+  return split(0), split(1)
+
+
+def response_logprobs_full(params, batch: PreferenceBatch, config: ModelConfig, remat: bool = False,
+                           with_prompt: bool = False):
+  """Returns (chosen, rejected[, chosen prompt+response]) SeqLogProbs by full backprop."""
+  ctx, cmask = batch.context_BxC, batch.context_mask_BxC
+  b, c = ctx.shape
+  resp, rmask = _response_inputs(batch)
+  rep = lambda x: jnp.repeat(x, 2, axis=0)
+  inp = jnp.concatenate([rep(ctx), resp[:, :-1]], axis=1)  # (2B, C + R − 1)
+  imask = jnp.concatenate([rep(cmask), rmask[:, :-1]], axis=1)
+  logits, _ = forward(params, inp, positions_from_mask(imask), imask, config=config, remat=remat)
+  lp = obj.sequence_logprobs(logits[:, c - 1 :], resp, rmask)
+  split = lambda x, i: obj.SeqLogProbs(*(y[i::2] for y in x))
+  chosen, rejected = split(lp, 0), split(lp, 1)
+  if not with_prompt:
+    return chosen, rejected
+  # Prompt tokens too (TRL's default for ORPO's NLL): logits at t predict context[t + 1].
+  plp = obj.sequence_logprobs(logits[0::2, : c - 1], ctx[:, 1:], cmask[:, :-1] * cmask[:, 1:])
+  both = obj.SeqLogProbs(chosen.sum_B + plp.sum_B, chosen.count_B + plp.count_B,
+                         (chosen.sum_B + plp.sum_B) / jnp.maximum(chosen.count_B + plp.count_B, 1.0))
+  return chosen, rejected, both
+
+
+def response_logprobs(params, batch, config, gradient_mode, remat=False):
+  if gradient_mode == "frozen":
+    return response_logprobs_frozen(params, batch, config, remat)
+  if gradient_mode == "full":
+    return response_logprobs_full(params, batch, config, remat)
+  raise ValueError(f"gradient_mode must be one of {GRADIENT_MODES}, got {gradient_mode!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss of a (mixed) batch.
+
+
+def example_logprobs(params, batch: PreferenceBatch, *, config: ModelConfig, objective: str, gradient_mode: str,
+                     ref_params=None, remat: bool = False, nll_on_prompt: bool = False, compute_dtype=None) -> dict:
+  """Returns the per-example log-prob statistics a loss needs: {'chosen', 'rejected'[, 'nll', 'ref_*']}."""
+  cast = (lambda p: jax.tree.map(lambda x: x.astype(compute_dtype), p)) if compute_dtype else (lambda p: p)
+  p = cast(params)
+  out = {}
+  if nll_on_prompt:
+    if gradient_mode != "full":
+      raise ValueError("nll_on_prompt needs gradient_mode='full' (a frozen context takes no gradient)")
+    out["chosen"], out["rejected"], out["nll"] = response_logprobs_full(p, batch, config, remat, with_prompt=True)
+  else:
+    out["chosen"], out["rejected"] = response_logprobs(p, batch, config, gradient_mode, remat)
+  if obj.needs_reference(objective):
+    if ref_params is None:
+      raise ValueError(f"objective {objective!r} needs ref_params (a frozen reference model)")
+    ref = response_logprobs(jax.lax.stop_gradient(cast(ref_params)), batch, config, "frozen")
+    out["ref_chosen"], out["ref_rejected"] = jax.lax.stop_gradient(ref)
+  return out
+
+
+def loss_from_logprobs(lp: dict, is_preference_B, *, objective: str, objective_kwargs: Optional[dict] = None):
+  """Returns (loss, metrics) of a batch mixing preference and general (SFT) examples.
+
+  loss = f_pref · objective(preference examples) + f_gen · SFT(general examples), f being the
+  fractions of the batch's examples in each group.
+  """
+  kw = dict(objective_kwargs or {})
+  chosen, rejected = lp["chosen"], lp["rejected"]
+  w_pref = is_preference_B.astype(jnp.float32)
+  w_gen = 1.0 - w_pref
+  if objective == "sft":
+    pref_loss, metrics = obj.sft(chosen, weights_B=w_pref)
+  elif objective == "orpo":
+    pref_loss, metrics = obj.orpo(chosen, rejected, weights_B=w_pref, nll_extra=lp.get("nll"), **kw)
+  elif objective in ("dpo", "dpop"):
+    pref_loss, metrics = obj.OBJECTIVES[objective](chosen, rejected, lp["ref_chosen"], lp["ref_rejected"],
+                                                   weights_B=w_pref, **kw)
+  else:
+    raise ValueError(f"unknown objective {objective!r}; expected one of {sorted(obj.OBJECTIVES)}")
+  gen_loss, _ = obj.sft(chosen, weights_B=w_gen)
+  n = w_pref.shape[0]
+  f_pref, f_gen = jnp.sum(w_pref) / n, jnp.sum(w_gen) / n
+  loss = f_pref * pref_loss + f_gen * gen_loss
+  metrics = dict(metrics, **{"loss": loss, "loss/preference": pref_loss, "loss/general": gen_loss,
+                             "tokens": jnp.sum(chosen.count_B) + jnp.sum(rejected.count_B * w_pref)})
+  return loss, metrics
+
+
+def batch_loss(params, batch: PreferenceBatch, *, config: ModelConfig, objective: str, gradient_mode: str,
+               objective_kwargs: Optional[dict] = None, ref_params=None, remat: bool = False,
+               nll_on_prompt: bool = False, compute_dtype=None):
+  """Returns (loss, metrics) of a batch (see `loss_from_logprobs`)."""
+  lp = example_logprobs(params, batch, config=config, objective=objective, gradient_mode=gradient_mode,
+                        ref_params=ref_params, remat=remat, nll_on_prompt=nll_on_prompt, compute_dtype=compute_dtype)
+  return loss_from_logprobs(lp, batch.is_preference_B, objective=objective, objective_kwargs=objective_kwargs)
+
+
+def accumulated_value_and_grad(params, batch: PreferenceBatch, grad_accum: int, ref_params=None, **kw):
+  """Returns ((loss, metrics), grads) of the whole batch, computed over `grad_accum` micro-batches.
+
+  Exact for any objective, whose normalisers (token counts, example means) span the whole batch:
+  pass 1 scans the micro-batches for per-example log-prob statistics (no gradient); the loss and its
+  gradient with respect to those statistics come from the full batch; pass 2 scans again and
+  pulls that cotangent back through each micro-batch (a VJP). Memory is one micro-batch's
+  activations; the cost is one extra forward pass.
+  """
+  b = batch.batch_size
+  if b % grad_accum:
+    raise ValueError(f"batch size {b} is not divisible by grad_accum {grad_accum}")
+  micro = jax.tree.map(lambda x: x.reshape(grad_accum, b // grad_accum, *x.shape[1:]), batch)
+  objective, objective_kwargs = kw["objective"], kw.pop("objective_kwargs", None)
+  lp_fn = lambda p, mb: example_logprobs(p, mb, ref_params=ref_params, **kw)
+  lp_micro = jax.lax.map(lambda mb: lp_fn(params, mb), micro)
+  lp_all = jax.tree.map(lambda x: x.reshape(b, *x.shape[2:]), lp_micro)
+  (loss, metrics), lp_bar = jax.value_and_grad(
+      lambda lp: loss_from_logprobs(lp, batch.is_preference_B, objective=objective,
+                                    objective_kwargs=objective_kwargs), has_aux=True)(lp_all)
+  lp_bar_micro = jax.tree.map(lambda x: x.reshape(grad_accum, b // grad_accum, *x.shape[1:]), lp_bar)
+
+  def body(acc, xs):
+    mb, bar = xs
+    _, vjp = jax.vjp(lambda p: lp_fn(p, mb), params)
+    (g,) = vjp(bar)
+    return jax.tree.map(jnp.add, acc, g), None
+
+  grads, _ = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), (micro, lp_bar_micro))
+  return (loss, metrics), grads
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def make_train_step(
+    config: ModelConfig,
+    objective: str,
+    optimizer: optax.GradientTransformation,
+    gradient_mode: str = "frozen",
+    mesh: Optional[jax.sharding.Mesh] = None,
+    *,
+    objective_kwargs: Optional[dict] = None,
+    remat: bool = False,
+    compute_dtype=None,
+    nll_on_prompt: bool = False,
+    grad_accum: int = 1,
+    donate: bool = True,
+) -> Callable:
+  """Returns a jitted `(state, batch[, ref_params]) -> (state, metrics)`.
+
+  Args:
+    objective: 'orpo' | 'sft' | 'dpo' | 'dpop' (dpo/dpop take `ref_params`).
+    gradient_mode: 'frozen' (context encoded once without gradient) or 'full' (baseline).
+    mesh: a ('data', 'fsdp') mesh; state and batch get its shardings (see dreamjax.train.mesh).
+    remat: rematerialise decoder layers in the backward pass.
+    compute_dtype: e.g. jnp.bfloat16 to compute in bf16 over float32 master weights.
+    nll_on_prompt: ORPO's NLL also covers prompt tokens (TRL's default; full mode only).
+    grad_accum: split the batch into this many micro-batches (exactly the large-batch gradient;
+      see `accumulated_value_and_grad`).
+  """
+  if gradient_mode not in GRADIENT_MODES:
+    raise ValueError(f"gradient_mode must be one of {GRADIENT_MODES}, got {gradient_mode!r}")
+  kw = dict(config=config, objective=objective, gradient_mode=gradient_mode, objective_kwargs=objective_kwargs,
+            remat=remat, nll_on_prompt=nll_on_prompt, compute_dtype=compute_dtype)
+
+  def step(state: TrainState, batch: PreferenceBatch, ref_params=None):
+    if grad_accum > 1:
+      (loss, metrics), grads = accumulated_value_and_grad(state.params, batch, grad_accum, ref_params, **kw)
+    else:
+      (loss, metrics), grads = jax.value_and_grad(functools.partial(batch_loss, **kw), has_aux=True)(
+          state.params, batch, ref_params=ref_params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), update_norm=optax.tree.norm(updates))
+    return TrainState(params, opt_state, state.step + 1, state.rng), metrics
+
+  if mesh is None:
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
+  from dreamjax.train import mesh as mesh_lib
+
+  def shard(state, batch, ref_params=None):
+    s_shard = jax.tree.map(lambda x: x, mesh_lib.tree_shardings(state, mesh))
+    b_shard = jax.tree.map(lambda _: mesh_lib.batch_sharding(mesh), batch)
+    r_shard = mesh_lib.tree_shardings(ref_params, mesh) if ref_params is not None else None
+    return s_shard, b_shard, r_shard
+
+  cache = {}
+
+  def sharded_step(state, batch, ref_params=None):
+    key = (jax.tree.structure(state), jax.tree.structure(batch), ref_params is None)
+    if key not in cache:
+      s_shard, b_shard, r_shard = shard(state, batch, ref_params)
+      cache[key] = jax.jit(step, in_shardings=(s_shard, b_shard, r_shard),
+                           out_shardings=(s_shard, mesh_lib.replicated(mesh)),
+                           donate_argnums=(0,) if donate else ())
+    return cache[key](state, batch, ref_params)
+
+  return sharded_step
