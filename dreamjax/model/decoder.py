@@ -82,7 +82,15 @@ def mlp(p: Params, x: jax.Array) -> jax.Array:
   return (jax.nn.silu(x @ p["gate_proj"]) * (x @ p["up_proj"])) @ p["down_proj"]
 
 
-def attention(p, x_BxTxD, cos, sin, mask_BxT, layer_cache: Optional[AttentionCache], slots, config):
+def stop_gradient_where(x_BxTx___: jax.Array, frozen_BxT: Optional[jax.Array]) -> jax.Array:
+  """Returns x with `stop_gradient` at the (b, t) positions where frozen_BxT is true."""
+  if frozen_BxT is None:
+    return x_BxTx___
+  f = frozen_BxT.reshape(frozen_BxT.shape + (1,) * (x_BxTx___.ndim - 2))
+  return jnp.where(f, jax.lax.stop_gradient(x_BxTx___), x_BxTx___)
+
+
+def attention(p, x_BxTxD, cos, sin, mask_BxT, layer_cache: Optional[AttentionCache], slots, config, frozen_BxT=None):
   """Returns (output_BxTxD, new layer cache): GQA with q/k norm, RoPE and optional output gate."""
   b, t, _ = x_BxTxD.shape
   h, kv, hd = config.num_heads, config.num_kv_heads, config.head_dim
@@ -97,6 +105,7 @@ def attention(p, x_BxTxD, cos, sin, mask_BxT, layer_cache: Optional[AttentionCac
   zc = config.norm_zero_centered
   q = apply_rope(rms_norm(q, p["q_norm"], config.rms_norm_eps, zc), cos, sin)
   k = apply_rope(rms_norm(k, p["k_norm"], config.rms_norm_eps, zc), cos, sin)
+  k, v = stop_gradient_where(k, frozen_BxT), stop_gradient_where(v, frozen_BxT)
   key_valid_BxS, key_slot_S, query_slot_T, end = slots
   if layer_cache is not None:
     write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), end, axis=1)
@@ -115,7 +124,7 @@ def attention(p, x_BxTxD, cos, sin, mask_BxT, layer_cache: Optional[AttentionCac
   return out @ p["o_proj"], new_cache
 
 
-def gated_deltanet(p, x_BxTxD, mask_BxT, layer_cache: Optional[DeltaNetCache], config):
+def gated_deltanet(p, x_BxTxD, mask_BxT, layer_cache: Optional[DeltaNetCache], config, frozen_BxT=None):
   """Returns (output_BxTxD, new layer cache) of a Gated DeltaNet layer.
 
   beta = σ(x·W_b), g = −exp(A_log)·softplus(x·W_a + dt_bias). Padded tokens get beta = 0 and
@@ -133,9 +142,12 @@ def gated_deltanet(p, x_BxTxD, mask_BxT, layer_cache: Optional[DeltaNetCache], c
   beta = jax.nn.sigmoid((x @ p["in_proj_b"]).astype(jnp.float32)) * mf
   g = -jnp.exp(p["A_log"].astype(jnp.float32)) * jax.nn.softplus(
       (x @ p["in_proj_a"]).astype(jnp.float32) + p["dt_bias"].astype(jnp.float32)) * mf
+  # Everything a frozen position passes on to later ones: its conv input, beta and g ...
+  qkv, beta, g = (stop_gradient_where(a, frozen_BxT) for a in (qkv, beta, g))
   k_conv = config.linear_conv_kernel
   tail = layer_cache.conv_BxKm1xC if layer_cache is not None else jnp.zeros((b, k_conv - 1, qkv.shape[-1]), qkv.dtype)
   qkv, new_tail = deltanet.causal_conv(qkv, p["conv_weight"], tail, mask_BxT)
+  qkv = stop_gradient_where(qkv, frozen_BxT)  # ... and its conv output (q, k, v)
   kd = config.linear_key_dim
   q = qkv[..., :kd].reshape(b, t, hk, dk)
   k = qkv[..., kd : 2 * kd].reshape(b, t, hk, dk)
@@ -153,16 +165,16 @@ def gated_deltanet(p, x_BxTxD, mask_BxT, layer_cache: Optional[DeltaNetCache], c
   return out, new_cache
 
 
-def _layer(p, kind, x, cos, sin, mask, layer_cache, slots, config):
+def _layer(p, kind, x, cos, sin, mask, layer_cache, slots, config, frozen=None):
   zc, eps = config.norm_zero_centered, config.rms_norm_eps
   h = rms_norm(x, p["input_norm"], eps, zc)
   if kind == FULL:
-    out, new_cache = attention(p["attn"], h, cos, sin, mask, layer_cache, slots, config)
+    out, new_cache = attention(p["attn"], h, cos, sin, mask, layer_cache, slots, config, frozen)
   else:
-    out, new_cache = gated_deltanet(p["linear_attn"], h, mask, layer_cache, config)
+    out, new_cache = gated_deltanet(p["linear_attn"], h, mask, layer_cache, config, frozen)
   x = x + out
   x = x + mlp(p["mlp"], rms_norm(x, p["post_attention_norm"], eps, zc))
-  return x, new_cache
+  return stop_gradient_where(x, frozen), new_cache
 
 
 def forward(
@@ -175,6 +187,7 @@ def forward(
     config: ModelConfig,
     remat: bool = False,
     return_hidden: bool = False,
+    stop_gradient_BxT: Optional[jax.Array] = None,
 ):
   """Returns (logits_BxTxV, cache) — or (logits, cache, hidden) with return_hidden.
 
@@ -191,10 +204,14 @@ def forward(
     remat: rematerialise each decoder layer in the backward pass (jax.checkpoint).
     return_hidden: also return the residual stream entering each layer and the final one,
       a list of L + 1 arrays (B, T, D) (for per-layer health monitors).
+    stop_gradient_BxT: optional bool mask of positions whose activations carry no gradient, at
+      every layer: their residual stream, attention keys/values, DeltaNet conv inputs, beta and g.
+      A full-sequence pass with the context (all but its last token) masked has exactly the
+      gradient of the train step's frozen mode: the reference that mode is tested against.
   """
   b, t = tokens_BxT.shape
   mask = mask_BxT.astype(bool)
-  x = jnp.take(params["embed"], tokens_BxT, axis=0)
+  x = stop_gradient_where(jnp.take(params["embed"], tokens_BxT, axis=0), stop_gradient_BxT)
   cos, sin = rope_tables(positions_BxT, config)
   if cache is not None:
     if t > cache.capacity:
@@ -208,7 +225,8 @@ def forward(
   new_layers, hidden = [], []
   for i, (kind, p) in enumerate(zip(config.layer_types, params["layers"])):
     hidden.append(x)
-    x, lc = layer_fn(p, kind, x, cos, sin, mask, cache.layers[i] if cache is not None else None, slots, config)
+    x, lc = layer_fn(p, kind, x, cos, sin, mask, cache.layers[i] if cache is not None else None, slots, config,
+                     stop_gradient_BxT)
     new_layers.append(lc)
   hidden.append(x)
   x = rms_norm(x, params["final_norm"], config.rms_norm_eps, config.norm_zero_centered)
