@@ -220,6 +220,8 @@ def make_train_step(
     nll_on_prompt: bool = False,
     grad_accum: int = 1,
     donate: bool = True,
+    skip_nonfinite: bool = False,
+    grad_stats: bool = False,
 ) -> Callable:
   """Returns a jitted `(state, batch[, ref_params]) -> (state, metrics)`.
 
@@ -232,6 +234,9 @@ def make_train_step(
     nll_on_prompt: ORPO's NLL also covers prompt tokens (TRL's default; full mode only).
     grad_accum: split the batch into this many micro-batches (exactly the large-batch gradient;
       see `accumulated_value_and_grad`).
+    skip_nonfinite: a step whose loss or gradient norm is NaN/Inf keeps the old params and
+      optimizer state (the step counter still advances; metrics['skipped'] = 1).
+    grad_stats: add per-layer gradient norms (float32, per-row; `monitor.layer_grad_norms`).
   """
   if gradient_mode not in GRADIENT_MODES:
     raise ValueError(f"gradient_mode must be one of {GRADIENT_MODES}, got {gradient_mode!r}")
@@ -246,7 +251,17 @@ def make_train_step(
           state.params, batch, ref_params=ref_params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), update_norm=optax.tree.norm(updates))
+    grad_norm = optax.tree.norm(grads)
+    metrics = dict(metrics, grad_norm=grad_norm, update_norm=optax.tree.norm(updates))
+    if grad_stats:
+      from dreamjax.train import monitor  # pylint: disable=g-import-not-at-top
+
+      metrics.update(monitor.layer_grad_norms(grads, per_matrix=False))
+    if skip_nonfinite:
+      ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      params, opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), (params, opt_state),
+                                       (state.params, state.opt_state))
+      metrics["skipped"] = (~ok).astype(jnp.int32)
     return TrainState(params, opt_state, state.step + 1, state.rng), metrics
 
   if mesh is None:

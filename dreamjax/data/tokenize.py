@@ -1,0 +1,168 @@
+"""Tokenisation of TRL-format examples with a model folder's tokenizer (and chat template).
+
+Plain strings: context = tokens(prompt); response = tokens(response) + [eos]. Conversational
+lists: the context is the chat template of the prompt messages with the generation prompt, and
+the response is what the template adds for the response messages (the rendered prompt+response
+minus the rendered prompt, as TRL does), so a model sees exactly its chat format.
+
+Over-long examples: the context is cut from the left (the decision is made at its end) and the
+response from the right, or, with `overlong='drop'`, the example is dropped; both are counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Optional, Sequence
+
+from dreamjax.data.jsonl import DataError, PreferenceExample, TextExample, Turns
+from dreamjax.train.batch import TokenizedExample
+
+OVERLONG = ("truncate", "drop")
+
+
+class TextTokenizer:
+  """A `tokenizers.Tokenizer` plus what tokenizer_config.json says (chat template, eos, pad)."""
+
+  def __init__(self, tokenizer, chat_template: Optional[str] = None, eos_token: Optional[str] = None,
+               pad_token: Optional[str] = None, bos_token: Optional[str] = None, source: str = ""):
+    self.tokenizer, self.chat_template, self.source = tokenizer, chat_template, source
+    self.eos_token, self.pad_token, self.bos_token = eos_token, pad_token, bos_token
+    self.eos_id = self._id(eos_token, "eos_token")
+    self.pad_id = self._id(pad_token, "pad_token")
+
+  def _id(self, token: Optional[str], field: str) -> Optional[int]:
+    if token is None:
+      return None
+    i = self.tokenizer.token_to_id(token)
+    if i is None:
+      raise DataError(f"{self.source}: tokenizer_config.json field '{field}' is {token!r}, not a token of tokenizer.json")
+    return i
+
+  @classmethod
+  def from_folder(cls, folder: str) -> "TextTokenizer":
+    """Reads folder/tokenizer.json and, when present, folder/tokenizer_config.json."""
+    from dreamjax.model import hf
+
+    tok = hf.load_tokenizer(folder)
+    path = os.path.join(folder, "tokenizer_config.json")
+    cfg = {}
+    if os.path.isfile(path):
+      try:
+        with open(path, encoding="utf-8") as f:
+          cfg = json.load(f)
+      except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+    text = lambda k: cfg[k]["content"] if isinstance(cfg.get(k), dict) else cfg.get(k)
+    return cls(tok, cfg.get("chat_template"), text("eos_token"), text("pad_token"), text("bos_token"), source=folder)
+
+  @property
+  def vocab_size(self) -> int:
+    return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+  def encode(self, text: str) -> list[int]:
+    return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+  def render_chat(self, messages: list[dict], add_generation_prompt: bool, where: str = "") -> str:
+    """Returns the chat template rendered as transformers does (sandboxed jinja2)."""
+    if not self.chat_template:
+      raise DataError(f"{where}: conversational example, but {self.source} has no chat_template in "
+                      "tokenizer_config.json; use plain-string prompt/chosen/rejected or add a template")
+    import jinja2
+    from jinja2 import sandbox
+
+    def raise_exception(msg):
+      raise jinja2.exceptions.TemplateError(msg)
+
+    env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+      return env.from_string(self.chat_template).render(
+          messages=messages, add_generation_prompt=add_generation_prompt, eos_token=self.eos_token or "",
+          bos_token=self.bos_token or "")
+    except jinja2.exceptions.TemplateError as e:
+      raise DataError(f"{where}: chat template of {self.source} failed: {e}") from None
+
+
+@dataclasses.dataclass
+class TokenStats:
+  """What tokenisation did to the data: truncations and drops (logged and saved in the summary)."""
+
+  examples: int = 0
+  context_truncated: int = 0
+  response_truncated: int = 0
+  dropped_overlong: int = 0
+
+  def as_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def _response_tokens(tok: TextTokenizer, prompt: Turns, response: Turns, where: str, field: str) -> list[int]:
+  if isinstance(response, str):
+    ids = tok.encode(response) + ([tok.eos_id] if tok.eos_id is not None else [])
+  else:
+    msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    head = tok.render_chat(msgs, add_generation_prompt=True, where=where)
+    full = tok.render_chat(msgs + list(response), add_generation_prompt=False, where=where)
+    if not full.startswith(head):
+      raise DataError(f"{where}: field '{field}': the chat template does not render prompt + response as "
+                      "an extension of the prompt; cannot tell which tokens are the response")
+    ids = tok.encode(full[len(head):])
+  if not ids:
+    raise DataError(f"{where}: field '{field}' tokenises to no tokens; a response needs at least one")
+  return ids
+
+
+def _context_tokens(tok: TextTokenizer, prompt: Turns, where: str) -> list[int]:
+  if isinstance(prompt, str):
+    ids = tok.encode(prompt)
+  else:
+    ids = tok.encode(tok.render_chat(list(prompt), add_generation_prompt=True, where=where))
+  if not ids:
+    raise DataError(f"{where}: field 'prompt' tokenises to no tokens; the first response token needs a context")
+  return ids
+
+
+def _fit(ids: list[int], n: int, keep_end: bool) -> tuple[list[int], bool]:
+  if len(ids) <= n:
+    return ids, False
+  return (ids[-n:] if keep_end else ids[:n]), True
+
+
+def encode_preference(ex: PreferenceExample, tok: TextTokenizer, max_context_len: int, max_response_len: int,
+                      overlong: str = "truncate", stats: Optional[TokenStats] = None) -> Optional[TokenizedExample]:
+  """Returns the TokenizedExample of a preference example, or None when dropped as over-long."""
+  if overlong not in OVERLONG:
+    raise ValueError(f"overlong must be one of {OVERLONG}, got {overlong!r}")
+  stats = stats if stats is not None else TokenStats()
+  stats.examples += 1
+  where = ex.source or "<example>"
+  ctx = _context_tokens(tok, ex.prompt, where)
+  chosen = _response_tokens(tok, ex.prompt, ex.chosen, where, "chosen")
+  rejected = _response_tokens(tok, ex.prompt, ex.rejected, where, "rejected")
+  ctx, cut_c = _fit(ctx, max_context_len, keep_end=True)
+  chosen, cut_a = _fit(chosen, max_response_len, keep_end=False)
+  rejected, cut_b = _fit(rejected, max_response_len, keep_end=False)
+  if (cut_c or cut_a or cut_b) and overlong == "drop":
+    stats.dropped_overlong += 1
+    return None
+  stats.context_truncated += int(cut_c)
+  stats.response_truncated += int(cut_a or cut_b)
+  return TokenizedExample(ctx, chosen, rejected)
+
+
+def encode_text(ex: TextExample, tok: TextTokenizer, max_len: int, stats: Optional[TokenStats] = None
+                ) -> Optional[TokenizedExample]:
+  """Returns a general (SFT) example: the first token is the context, the rest (≤ max_len − 1) the response."""
+  stats = stats if stats is not None else TokenStats()
+  stats.examples += 1
+  ids = tok.encode(ex.text) + ([tok.eos_id] if tok.eos_id is not None else [])
+  if len(ids) < 2:
+    raise DataError(f"{ex.source or '<text>'}: field 'text' tokenises to {len(ids)} token(s); need at least 2")
+  ids, cut = _fit(ids, max_len, keep_end=False)
+  stats.response_truncated += int(cut)
+  return TokenizedExample(ids[:1], ids[1:], None)
