@@ -281,7 +281,12 @@ def run(cfg: RunConfig) -> dict:
     raise RunError(f"--batch_size {cfg.batch_size}: {len(prefs)} training examples make no full batch")
   optimizer, schedule = make_optimizer(cfg, lr, total_steps)
 
-  mesh = mesh_lib.make_mesh(mesh_lib.parse_mesh_flag(cfg.mesh))
+  mesh_shape = mesh_lib.parse_mesh_flag(cfg.mesh)
+  n_mesh = int(np.prod(mesh_shape))  # a mesh without -1 may use only the first devices
+  try:
+    mesh = mesh_lib.make_mesh(mesh_shape, jax.devices()[:n_mesh] if -1 not in mesh_shape else None)
+  except ValueError as e:
+    raise RunError(f"--mesh {cfg.mesh}: {e}") from None
   n_dev = mesh.devices.size
   if cfg.batch_size % (n_dev * cfg.grad_accum) and cfg.batch_size % n_dev:
     raise RunError(f"--batch_size {cfg.batch_size} is not divisible by the {n_dev} devices of --mesh {cfg.mesh}")
@@ -292,7 +297,14 @@ def run(cfg: RunConfig) -> dict:
   state = place(state)
   run_config = dict(cfg.to_json(), lr=lr, model_config=dataclasses.asdict(config), context_len=c_len,
                     response_len=r_len, total_steps=total_steps)
-  _write_json_once(os.path.join(cfg.run_dir, "config.json"), run_config)
+  config_path = os.path.join(cfg.run_dir, "config.json")
+  if cfg.resume and os.path.exists(config_path):  # refuse a changed run before touching anything in it
+    with open(config_path) as f:
+      try:
+        ckpt_lib.check_resume_config(json.load(f), run_config, keys=RESUME_KEYS)
+      except ckpt_lib.ResumeConfigError as e:
+        raise RunError(f"{config_path}: {e}") from None
+  _write_json_once(config_path, run_config)
 
   ckpt = ckpt_lib.Checkpointer(os.path.join(cfg.run_dir, "checkpoints"), keep=cfg.keep, save_every=cfg.save_every)
   guard = mon.Guard(cfg.run_dir, mon.GuardConfig(
@@ -358,7 +370,7 @@ def run(cfg: RunConfig) -> dict:
       last_metrics = metrics
       if decision is None and (step % cfg.eval_every == 0 or step == total_steps):
         figures = monitor.figures(state.params)
-        logger.log(step, figures, prefix="monitor/")
+        logger.log(step, figures, prefix="monitor")
         decision = guard.decide(step, figures)
         if decision.passed:
           ckpt.mark_good(step)

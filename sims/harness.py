@@ -1,0 +1,417 @@
+"""The simulation harness: the Simulation record, the registry, vmapped seeds and the suite runner.
+
+A simulation is one module `sims/<name>.py` (name `sim_*` or a letter, digits and `_`: `p1_...`,
+`s4_...`, `x10_...`) that defines `SIMULATION = harness.Simulation(...)`. Its criteria and
+controls are data on that record, so they exist before `run` is called; the runner writes them
+(with a SHA-256 and a timestamp) to results.json *before* running the simulation, then the data,
+then the analysis. A verdict is a pure function of results.json (`sims.report`).
+
+    from sims import harness
+
+    def run(seeds, quick, key):
+      def one_seed(key):                     # everything per seed: init, data order, training
+        ...
+        return {'forgetting': f, 'accuracy': a}   # scalars, or [K] per stratum (task)
+      return {arm: harness.vmap_seeds(functools.partial(one_seed_for, arm), key, seeds)
+              for arm in ARMS}               # the same key for every arm: arms are matched
+
+    SIMULATION = harness.Simulation(
+        name='p1_lr_diversity', question=..., prediction=..., setup=..., arms={...},
+        criteria=[harness.Criterion(arm='high_diverse', metric='forgetting', statistic='iqm',
+                                    threshold=2.0, direction='less', description=...)],
+        controls=[harness.Control(kind='positive', ...)], run=run)
+
+`python -m sims` runs the suite (see `sims/__main__.py`); `run_suite` is the same from Python.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import math
+import os
+import pkgutil
+import platform
+import re
+import subprocess
+import sys
+import time
+import traceback
+import zlib
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, TextIO
+
+import numpy as np
+
+from sims import report
+from sims import stats
+from sims.stats import (ERROR, INCONCLUSIVE, REFUTED, SUPPORTED, Control, Criterion,  # noqa: F401
+                        Effect)
+
+SCHEMA = 1
+SIM_MODULE = re.compile(r"^(sim_[a-z0-9_]+|[a-z]\d+_[a-z0-9_]+)$")
+
+# run(seeds, quick, key) -> {arm: {metric: array [seeds, ...]}} or Outcome
+RunFn = Callable[[int, bool, Any], Any]
+
+
+class Outcome(NamedTuple):
+  """What a simulation's `run` may return instead of the bare data dict."""
+
+  data: Mapping[str, Mapping[str, Any]]  # {arm: {metric: array [seeds] or [seeds, K]}}
+  config: Mapping[str, Any] = {}  # the settings actually used (steps, sizes, lr mapping), JSON-able
+  notes: Sequence[str] = ()  # computed remarks for the report (never hand-typed numbers)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Simulation:
+  """One pre-registered simulation: what it asks, what it predicts, how it is judged, and `run`."""
+
+  name: str  # equals the module name, e.g. 'p1_lr_diversity'
+  question: str  # the question in one or two sentences
+  prediction: str  # the prediction as stated in the theory or the issue, verbatim
+  setup: str  # world, model, sizes, steps, data; markdown
+  arms: Mapping[str, str]  # arm -> what it does; `run` must return exactly these arms
+  criteria: Sequence[Criterion]  # the prediction's pass rules (a conjunction)
+  run: RunFn  # run(seeds, quick, key) -> {arm: {metric: [seeds, ...]}} or Outcome
+  controls: Sequence[Control] = ()  # positive/negative controls; any failure → INCONCLUSIVE
+  effects: Sequence[Effect] = ()  # further statistics reported with CIs, no threshold
+  seeds: int = 8  # seeds in the full run
+  quick_seeds: int = 4  # seeds under --quick (same code path, fewer steps)
+  selfcheck: bool = False  # True only for the harness self-check: not a prediction
+  amendment: str = ""  # the one allowed pre-first-full-run refinement of the criteria, and why
+  # Optional hooks. interpret(analysis, data) -> list[str] of computed notes;
+  # plot(fig, data, analysis) draws a custom figure on a matplotlib Figure.
+  interpret: Optional[Callable[[dict, dict], Sequence[str]]] = None
+  plot: Optional[Callable[..., None]] = None
+
+  def __post_init__(self):
+    if not SIM_MODULE.match(self.name):
+      raise ValueError(f"simulation name {self.name!r} must match {SIM_MODULE.pattern}")
+    if not self.criteria:
+      raise ValueError(f"{self.name}: declare at least one criterion")
+    object.__setattr__(self, "criteria", tuple(self.criteria))
+    object.__setattr__(self, "controls", tuple(self.controls))
+    object.__setattr__(self, "effects", tuple(self.effects))
+    object.__setattr__(self, "arms", dict(self.arms))
+    for rule in self.criteria:
+      if type(rule) is not Criterion:
+        raise TypeError(f"{self.name}: criteria must be Criterion, got {type(rule).__name__}")
+    for rule in self.controls:
+      if not isinstance(rule, Control):
+        raise TypeError(f"{self.name}: controls must be Control, got {type(rule).__name__}")
+    for rule in (*self.criteria, *self.controls, *self.effects):
+      for arm, _ in rule.operands():
+        if arm not in self.arms:
+          raise ValueError(f"{self.name}: rule {rule.title()!r} reads undeclared arm {arm!r}")
+    if self.seeds < 1 or self.quick_seeds < 1:
+      raise ValueError(f"{self.name}: seeds must be >= 1")
+
+  def rules_json(self) -> dict:
+    """Returns the pre-registered rules as JSON-ready data."""
+    return {"criteria": [r.to_json() for r in self.criteria],
+            "controls": [r.to_json() for r in self.controls],
+            "effects": [r.to_json() for r in self.effects]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry.
+
+
+def available() -> list[str]:
+  """Returns the simulation names found under sims/: the self-check first, then natural order."""
+  import sims  # pylint: disable=import-outside-toplevel
+  names = [m.name for m in pkgutil.iter_modules(sims.__path__) if SIM_MODULE.match(m.name)]
+  natural = lambda n: (not n.startswith("sim_"), [int(t) if t.isdigit() else t
+                                                   for t in re.split(r"(\d+)", n)])
+  return sorted(names, key=natural)
+
+
+def select(only: Optional[Sequence[str]] = None) -> list[str]:
+  """Returns the names to run: all, or `only` in the order given; raises on unknown names."""
+  names = available()
+  if not only:
+    return names
+  unknown = [n for n in only if n not in names]
+  if unknown:
+    raise ValueError(f"unknown simulation(s): {', '.join(unknown)}; available: {', '.join(names)}")
+  return list(dict.fromkeys(only))
+
+
+def load(name: str) -> Simulation:
+  """Imports `sims.<name>` and returns its SIMULATION."""
+  module = importlib.import_module(f"sims.{name}")
+  sim = getattr(module, "SIMULATION", None)
+  if not isinstance(sim, Simulation):
+    raise TypeError(f"sims/{name}.py must define SIMULATION = harness.Simulation(...)")
+  if sim.name != name:
+    raise ValueError(f"sims/{name}.py declares name {sim.name!r}; it must equal the module name")
+  return sim
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds.
+
+
+def seed_keys(key, n: int):
+  """Returns n per-seed keys `jax.random.split(key, n)`: the same keys for every arm."""
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.random.split(key, n)
+
+
+def vmap_seeds(fn: Callable, key, n: int, *, jit: bool = True, batch_size: Optional[int] = None):
+  """Returns fn(k_s) for every key k_s of `seed_keys(key, n)`, stacked on a leading seed axis.
+
+  The seeds run as one vmapped (and jitted) call. Pass the same `key` for every arm so that arm
+  a and arm b see the same init and data order on seed s (matched arms); fold an arm's own
+  randomness in inside `fn`. `batch_size` bounds memory: `jax.lax.map` over chunks of that many
+  vmapped seeds instead of one vmap over all.
+
+  Args:
+    fn: key -> pytree of arrays (metrics for one seed).
+    key: a PRNG key.
+    n: the number of seeds.
+    jit: jit the vmapped function.
+    batch_size: seeds per vmapped chunk, or None for all at once.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  keys = seed_keys(key, n)
+  if batch_size is None or batch_size >= n:
+    mapped = jax.vmap(fn)
+  else:
+    mapped = lambda ks: jax.lax.map(fn, ks, batch_size=batch_size)
+  return (jax.jit(mapped) if jit else mapped)(keys)
+
+
+def sim_key(seed: int, name: str):
+  """Returns the PRNG key for simulation `name` under base seed `seed` (independent streams)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def as_numpy(data: Mapping[str, Mapping[str, Any]], seeds: int, arms: Mapping[str, str]) -> dict:
+  """Returns {arm: {metric: float64 array}} after checking arms and the leading seed axis."""
+  got, want = set(data), set(arms)
+  if got != want:
+    raise ValueError(f"run returned arms {sorted(got)}, declared {sorted(want)}")
+  out = {}
+  for arm in arms:
+    out[arm] = {}
+    for metric, value in data[arm].items():
+      a = np.asarray(value, dtype=np.float64)
+      if a.ndim == 0 or a.shape[0] != seeds:
+        raise ValueError(f"{arm}/{metric}: shape {a.shape}, want a leading seed axis of {seeds}")
+      out[arm][metric] = a
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON.
+
+
+def jsonable(x):
+  """Returns x as plain JSON data; non-finite floats become the strings 'nan', 'inf', '-inf'."""
+  if isinstance(x, Mapping):
+    return {str(k): jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [jsonable(v) for v in x]
+  if hasattr(x, "__array__") and not isinstance(x, (str, bytes)):
+    x = np.asarray(x)
+    return jsonable(x.tolist()) if x.ndim else jsonable(x.item())
+  if isinstance(x, (bool, np.bool_)):
+    return bool(x)
+  if isinstance(x, (int, np.integer)):
+    return int(x)
+  if isinstance(x, (float, np.floating)):
+    x = float(x)
+    return x if math.isfinite(x) else str(x)
+  if x is None or isinstance(x, str):
+    return x
+  return repr(x)
+
+
+def write_json(path: str, obj: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1, allow_nan=False)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def environment() -> dict:
+  """Returns the git commit and library versions behind a run."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def git(*args):
+    try:
+      return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10,
+                            check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+      return None
+
+  versions = {"python": platform.python_version(), "platform": platform.platform(),
+              "numpy": np.__version__}
+  for lib in ("jax", "jaxlib", "optax", "flax", "matplotlib"):
+    try:
+      versions[lib] = importlib.import_module(lib).__version__
+    except ImportError:
+      versions[lib] = None
+  try:
+    import jax  # pylint: disable=import-outside-toplevel
+    versions["backend"] = jax.default_backend()
+    versions["devices"] = [str(d) for d in jax.devices()]
+  except Exception:  # pylint: disable=broad-except
+    pass
+  commit = git("rev-parse", "HEAD")
+  dirty = git("status", "--porcelain", "--untracked-files=no")
+  return {"git": {"commit": commit, "dirty": None if dirty is None else bool(dirty)},
+          "versions": versions}
+
+
+# ---------------------------------------------------------------------------------------------
+# Running.
+
+
+class Progress:
+  """A progress bar across simulations on stderr: a redrawn line on a terminal, lines otherwise."""
+
+  def __init__(self, total: int, stream: Optional[TextIO] = None, width: int = 24):
+    self.total, self.width, self.done = total, width, 0
+    self.stream = stream or sys.stderr
+    self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+    self.t0 = time.perf_counter()
+    self.name = ""
+
+  def _bar(self) -> str:
+    filled = self.width * self.done // max(self.total, 1)
+    elapsed = time.perf_counter() - self.t0
+    eta = ""
+    if 0 < self.done < self.total:
+      eta = f", ETA {_clock(elapsed / self.done * (self.total - self.done))}"
+    return (f"sims [{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total}"
+            f" {_clock(elapsed)}{eta}")
+
+  def start(self, name: str) -> None:
+    self.name = name
+    line = f"{self._bar()}  running {name}"
+    self.stream.write(f"\r\x1b[K{line}" if self.tty else line + "\n")
+    self.stream.flush()
+
+  def finish(self, name: str, verdict: str, seconds: float) -> None:
+    self.done += 1
+    result = f"  {name}: {verdict} ({seconds:.1f} s)"
+    if self.tty:
+      self.stream.write(f"\r\x1b[K{result}\n{self._bar()}")
+      if self.done == self.total:
+        self.stream.write("\n")
+    else:
+      self.stream.write(f"{result}\n{self._bar()}\n")
+    self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+  m, s = divmod(int(round(seconds)), 60)
+  return f"{m:02d}:{s:02d}"
+
+
+def registration(sim: Simulation) -> dict:
+  """Returns the static part of a record: the texts and the pre-registered rules, hashed."""
+  rules = sim.rules_json()
+  digest = hashlib.sha256(json.dumps(rules, sort_keys=True).encode()).hexdigest()
+  return {"name": sim.name, "selfcheck": sim.selfcheck, "question": sim.question,
+          "prediction": sim.prediction, "setup": sim.setup, "arms": dict(sim.arms),
+          "amendment": sim.amendment, **rules, "rules_sha256": digest,
+          "registered_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def run_simulation(sim: Simulation, *, seeds: int, quick: bool, key, bootstrap: Mapping[str, Any],
+                   record: Optional[dict] = None) -> dict:
+  """Runs one simulation and returns its record (registration, data, analysis, timings).
+
+  Exceptions inside `run` or the analysis are caught: the record gets verdict ERROR and the
+  traceback, so one broken simulation does not lose the others' results.
+  """
+  record = dict(record or registration(sim))
+  record.update(seeds=seeds, quick=quick, config={}, notes=[], data=None, analysis=None,
+                error=None, figure=None, timing={})
+  t0 = time.perf_counter()
+  try:
+    out = sim.run(seeds, quick, key)
+    if not isinstance(out, Outcome):
+      out = Outcome(data=out)
+    data = as_numpy(out.data, seeds, sim.arms)
+    record["timing"]["run_s"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    analysis = stats.analyse(data, criteria=sim.criteria, controls=sim.controls,
+                             effects=sim.effects, name=sim.name, **bootstrap)
+    notes = list(out.notes) + list(sim.interpret(analysis, data) if sim.interpret else ())
+    record["timing"]["analysis_s"] = time.perf_counter() - t1
+    record.update(config=jsonable(out.config), notes=[str(n) for n in notes],
+                  data=jsonable(data), analysis=jsonable(analysis))
+  except Exception:  # pylint: disable=broad-except
+    record["error"] = traceback.format_exc()
+    record["timing"].setdefault("run_s", time.perf_counter() - t0)
+  record["verdict"] = record["analysis"]["verdict"] if record["analysis"] else ERROR
+  return record
+
+
+def run_suite(names: Optional[Sequence[str]] = None, *, out: str, quick: bool = False,
+              seeds: Optional[int] = None, seed: int = 0, reps: int = 2000,
+              confidence: float = 0.95, figures: bool = True,
+              progress: Optional[TextIO] = None) -> dict:
+  """Runs simulations, writing DIR/results.json, DIR/REPORT.md and DIR/<name>.png; returns results.
+
+  results.json is rewritten before each simulation (with its rules, already registered) and
+  after it, so an interrupted suite keeps everything finished so far.
+
+  Args:
+    names: simulations to run (see `select`); None runs all.
+    out: output folder (created).
+    quick: the quick path: fewer seeds and steps, same code.
+    seeds: seeds per simulation; None uses each simulation's `seeds` / `quick_seeds`.
+    seed: base seed; simulation `name` gets `sim_key(seed, name)`.
+    reps, confidence: bootstrap replicates and interval size.
+    figures: draw PNG figures (needs matplotlib; without it the report says so).
+    progress: stream for the progress bar (stderr by default).
+  """
+  names = select(names)
+  os.makedirs(out, exist_ok=True)
+  bootstrap = {"reps": reps, "confidence": confidence, "seed": seed}
+  results = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+             "command": list(sys.argv),
+             "config": {"quick": quick, "seeds": seeds, "only": list(names), "seed": seed,
+                        "bootstrap": bootstrap, "figures": figures},
+             **environment(), "timing": {}, "simulations": []}
+  path = os.path.join(out, "results.json")
+  bar = Progress(len(names), progress)
+  t0 = time.perf_counter()
+  for name in names:
+    bar.start(name)
+    t = time.perf_counter()
+    try:
+      sim = load(name)
+    except Exception:  # pylint: disable=broad-except
+      record = {"name": name, "selfcheck": False, "error": traceback.format_exc(),
+                "verdict": ERROR, "timing": {}}
+    else:
+      record = registration(sim)
+      results["simulations"].append({**record, "status": "registered, running"})
+      write_json(path, results)
+      results["simulations"].pop()
+      n = seeds or (sim.quick_seeds if quick else sim.seeds)
+      record = run_simulation(sim, seeds=n, quick=quick, key=sim_key(seed, name),
+                              bootstrap=bootstrap, record=record)
+      if not figures:
+        record["figure_note"] = "figures were not drawn (run with --nofigures)"
+      elif record["data"] is not None:
+        t1 = time.perf_counter()
+        record["figure"], record["figure_note"] = report.draw_figure(record, out, plot=sim.plot)
+        record["timing"]["figure_s"] = time.perf_counter() - t1
+    record["timing"]["total_s"] = time.perf_counter() - t
+    results["simulations"].append(record)
+    results["timing"]["total_s"] = time.perf_counter() - t0
+    write_json(path, results)
+    bar.finish(name, record["verdict"], record["timing"]["total_s"])
+  report.write(out)
+  return results
