@@ -13,6 +13,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from dreamjax.data import builtin
+from launch import convert
 from dreamjax.data import jsonl
 from dreamjax.data import tokenize as tok_lib
 from dreamjax.model import ConfigError, ModelConfig, hf, init_params
@@ -69,6 +70,24 @@ def test_run_end_to_end(tmp_path):
   value = float(np.asarray(jax.numpy.asarray(last.tensor_proto.float_val[0] if hasattr(last, "tensor_proto")
                                              else last.value)))
   assert last.step == 7 and value == pytest.approx(summary["last_metrics"]["loss"], rel=1e-6)
+  # launch.convert: the run's newest checkpoint -> an HF folder that loads back to the same params.
+  state, _, _ = final_state(run_dir)
+  assert convert.orbax_to_hf(run_dir, str(tmp_path / "hf")) == 7
+  config, params = hf.load(str(tmp_path / "hf"))
+  assert config == ModelConfig.preset("qwen3-tiny")
+  assert tok_lib.TextTokenizer.from_folder(str(tmp_path / "hf")).vocab_size == config.vocab_size
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_convert_hf_to_orbax_and_back(tmp_path):
+  src = os.path.join(ROOT, "tests", "fixtures", "qwen3_5_tiny")
+  convert.hf_to_orbax(src, str(tmp_path / "orbax"))
+  convert.orbax_to_hf(str(tmp_path / "orbax"), str(tmp_path / "hf"))
+  (c1, p1), (c2, p2) = hf.load(src), hf.load(str(tmp_path / "hf"))
+  assert c1 == c2
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_sigkill_then_resume_is_bitwise_equal(tmp_path):

@@ -389,10 +389,11 @@ class Checkpointer:
     """Writes the base model params once (blocking); an existing base is never overwritten."""
     if self.has_base():
       raise CheckpointError(f"base model already saved at {self.base_dir}; it is written once per run")
-    with ocp.StandardCheckpointer() as ckptr:
+    # A synchronous checkpointer: the base is written once, and the async one's background metadata
+    # write was seen to race ("No ArrayMetadata found for process_index=0") on a loaded CPU.
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
       try:
-        ckptr.save(self.base_dir, params, force=True)  # force: replaces only an unfinished base
-        ckptr.wait_until_finished()
+        ckptr.save(self.base_dir, args=ocp.args.StandardSave(params), force=True)  # force: replaces an unfinished base
       except Exception as e:  # pylint: disable=broad-except
         raise CheckpointSaveError(f"saving the base model to {self.base_dir} failed ({_short(e)})") from e
 

@@ -276,13 +276,19 @@ def make_train_step(
 
   cache = {}
 
-  def sharded_step(state, batch, ref_params=None):
+  def jitted(state, batch, ref_params=None):
     key = (jax.tree.structure(state), jax.tree.structure(batch), ref_params is None)
     if key not in cache:
       s_shard, b_shard, r_shard = shard(state, batch, ref_params)
       cache[key] = jax.jit(step, in_shardings=(s_shard, b_shard, r_shard),
                            out_shardings=(s_shard, mesh_lib.replicated(mesh)),
                            donate_argnums=(0,) if donate else ())
-    return cache[key](state, batch, ref_params)
+    return cache[key]
 
+  def sharded_step(state, batch, ref_params=None):
+    return jitted(state, batch, ref_params)(state, batch, ref_params)
+
+  # Like a jitted function's: lower with abstract inputs (jax.ShapeDtypeStruct), e.g. bench/scale_plan.py.
+  sharded_step.lower = lambda state, batch, ref_params=None: jitted(state, batch, ref_params).lower(
+      state, batch, ref_params)
   return sharded_step

@@ -1,0 +1,124 @@
+"""Converts between Hugging Face model folders and Orbax checkpoints.
+
+    # HF folder -> Orbax params checkpoint (plus config.json and the tokenizer files beside it)
+    python -m launch.convert --to orbax --src /models/Qwen3-8B --dst /ckpt/qwen3-8b
+    # a run's checkpoint (newest, or --step) -> HF folder loadable by transformers
+    python -m launch.convert --to hf --src runs/exp1 [--step 1200] --dst /models/exp1-step1200
+    # an Orbax params checkpoint made by --to orbax -> HF folder
+    python -m launch.convert --to hf --src /ckpt/qwen3-8b --dst /models/qwen3-8b-again
+
+The destination must not exist (nothing is overwritten).
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+
+from absl import app, flags, logging
+import jax
+import orbax.checkpoint as ocp
+
+from dreamjax.data import builtin
+from dreamjax.model import ConfigError, ModelConfig, hf
+from dreamjax.model import config as model_config_lib
+from dreamjax.train import checkpoint as ckpt_lib
+
+_TO = flags.DEFINE_enum("to", None, ["orbax", "hf"], "Direction: HF folder -> Orbax, or Orbax -> HF folder.")
+_SRC = flags.DEFINE_string("src", None, "Source: an HF folder (--to orbax); a run folder, its checkpoints/ "
+                           "folder, or a --to orbax output (--to hf).")
+_DST = flags.DEFINE_string("dst", None, "Destination folder (must not exist).")
+_STEP = flags.DEFINE_integer("step", None, "--to hf from a run: the checkpoint step (default: newest).")
+flags.mark_flags_as_required(["to", "src", "dst"])
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja")
+PARAMS_DIR = "params"  # --to orbax: DST/params holds the Orbax params checkpoint
+
+
+class ConvertError(ValueError):
+  pass
+
+
+def _copy_tokenizer(src_folder: str, dst: str) -> None:
+  for name in TOKENIZER_FILES:
+    if os.path.isfile(os.path.join(src_folder, name)):
+      shutil.copy2(os.path.join(src_folder, name), os.path.join(dst, name))
+
+
+def hf_to_orbax(src: str, dst: str) -> None:
+  """DST/params (Orbax, the params pytree) + DST/config.json + the tokenizer files."""
+  config, params = hf.load(src)
+  os.makedirs(dst)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.abspath(os.path.join(dst, PARAMS_DIR)), params)
+    ckptr.wait_until_finished()
+  shutil.copy2(os.path.join(src, "config.json"), os.path.join(dst, "config.json"))
+  _copy_tokenizer(src, dst)
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in fields}
+  return ModelConfig(**kw)
+
+
+def _restore_raw(path: str):
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(os.path.abspath(path))
+
+
+def orbax_to_hf(src: str, dst: str, step=None) -> int | None:
+  """Writes an HF folder from a --to orbax output or a run's checkpoint; returns the step used."""
+  if os.path.isdir(os.path.join(src, PARAMS_DIR)):  # a --to orbax output
+    config = ModelConfig.from_hf(src)
+    params, tok_src, used = _restore_raw(os.path.join(src, PARAMS_DIR)), src, None
+  else:
+    ckpt_dir = os.path.join(src, "checkpoints") if os.path.isdir(os.path.join(src, "checkpoints")) else src
+    ck = ckpt_lib.Checkpointer(ckpt_dir, async_save=False)
+    steps = ck.all_steps()
+    ck.close()
+    if not steps:
+      raise ConvertError(f"--src {src}: no Orbax checkpoint steps found (expected a run folder or its checkpoints/)")
+    used = steps[-1] if step is None else step
+    if used not in steps:
+      raise ConvertError(f"--step {used}: not among the checkpoint steps {steps} in {ckpt_dir}")
+    step_dir = os.path.join(ckpt_dir, str(used))
+    state = _restore_raw(os.path.join(step_dir, ckpt_lib.STATE))
+    with open(os.path.join(step_dir, ckpt_lib.CONFIG, "metadata")) as f:  # Orbax JsonSave: plain JSON
+      run_config = json.load(f)
+    if "model_config" not in run_config:
+      raise ConvertError(f"{step_dir}: run config has no model_config; was it written by launch.train?")
+    config = model_config_from_dict(run_config["model_config"])
+    params = state["params"]
+    model = run_config.get("model", "")
+    tok_src = builtin.TOKENIZER if model in model_config_lib.PRESETS else model
+  os.makedirs(dst)
+  hf.save_hf(dst, jax.tree.map(lambda x: x, params), config)
+  if tok_src and os.path.isdir(tok_src):
+    _copy_tokenizer(tok_src, dst)
+  return used
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if os.path.exists(_DST.value):
+    print(f"error: --dst {_DST.value} exists; choose a new folder (nothing is overwritten)", file=sys.stderr)
+    sys.exit(2)
+  try:
+    if _TO.value == "orbax":
+      hf_to_orbax(_SRC.value, _DST.value)
+      print(f"wrote {os.path.join(_DST.value, PARAMS_DIR)} (Orbax) and config.json")
+    else:
+      used = orbax_to_hf(_SRC.value, _DST.value, _STEP.value)
+      print(f"wrote HF folder {_DST.value}" + (f" from checkpoint step {used}" if used is not None else ""))
+  except (ConvertError, ConfigError, hf.CheckpointError, ckpt_lib.CheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  logging.info("done")
+
+
+if __name__ == "__main__":
+  app.run(main)

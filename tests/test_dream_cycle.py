@@ -1,0 +1,133 @@
+"""The dream cycle: dream → train → monitor → checkpoint, resumed at cycle granularity."""
+
+import collections
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from dreamjax.data import jsonl
+from dreamjax.dream import cycle
+from dreamjax.train import checkpoint as ckpt_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(scenarios=4, max_new_tokens=6, max_prompt_tokens=64, gen_batch_size=8, walk_length=2, batch_size=4,
+            max_context_len=64, max_response_len=32, eval_examples=4, mesh="1,1")
+
+
+def params_at(run_dir, step):
+  """Returns the params of checkpoint `step` as a flat {path: numpy array}."""
+  base = step == ckpt_lib.BASE_DIR  # the base holds the params alone
+  path = os.path.join(run_dir, "checkpoints", str(step), *(() if base else (ckpt_lib.STATE,)))
+  with ocp.StandardCheckpointer() as c:
+    tree = c.restore(path)
+  return {k: np.asarray(v) for k, v in _flatten(tree if base else tree["params"]).items()}
+
+
+def _flatten(tree, prefix=""):
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flatten(v, f"{prefix}/{k}"))
+    return out
+  if isinstance(tree, (list, tuple)):
+    out = {}
+    for i, v in enumerate(tree):
+      out.update(_flatten(v, f"{prefix}/{i}"))
+    return out
+  return {prefix: tree}
+
+
+def lines(path):
+  return [json.loads(l) for l in open(path, encoding="utf-8")]
+
+
+def test_two_cycles_resume_and_redo_a_killed_cycle(tmp_path):
+  run_dir = str(tmp_path / "run")
+  s1 = cycle.run(cycle.CycleConfig(run_dir=run_dir, cycles=1, **TINY))
+  assert s1["status"] == "finished" and s1["cycles_done"] == 1 and s1["step"] > 0
+  step1 = s1["step"]
+  # Resume: cycles=2 on the same folder continues at cycle 1 from the saved state.
+  s2 = cycle.run(cycle.CycleConfig(run_dir=run_dir, cycles=2, **TINY))
+  assert s2["start_cycle"] == 1 and s2["cycles_done"] == 2
+  assert s2["per_cycle"][0]["model_step"] == step1 and s2["step"] > step1
+  step2 = s2["step"]
+
+  # Triplets: TRL-valid, no duplicate ids, provenance model step increases between cycles.
+  path = os.path.join(run_dir, cycle.TRIPLETS)
+  recs = lines(path)
+  assert len(jsonl.read_preferences(path)) == len(recs) == s1["kept"] + s2["kept"] > 0
+  assert len({r["id"] for r in recs}) == len(recs)
+  steps_by_seed = collections.defaultdict(set)
+  for r in recs:
+    steps_by_seed[r["provenance"]["seed"]].add(r["provenance"]["model_step"])
+  assert dict(steps_by_seed) == {0: {0}, 1: {step1}}
+  kinds = collections.Counter(r["kind"] for r in recs)
+  assert set(kinds) == {"accept", "push_back"}
+
+  # One checkpoint per cycle (plus the base); the params moved in each cycle.
+  ckpts = os.path.join(run_dir, "checkpoints")
+  assert {str(step1), str(step2), "base"} <= set(os.listdir(ckpts))
+  p0, p1, p2 = params_at(run_dir, "base"), params_at(run_dir, step1), params_at(run_dir, step2)
+  assert p0.keys() == p1.keys() == p2.keys()
+  assert any(not np.array_equal(p0[k], p1[k]) for k in p0)
+  assert any(not np.array_equal(p1[k], p2[k]) for k in p1)
+  cyc = lines(os.path.join(run_dir, "cycles.jsonl"))
+  assert [c["cycle"] for c in cyc] == [0, 1] and all(c["guard"]["action"] == "continue" for c in cyc)
+  assert [c["step"] for c in cyc] == [step1, step2] and all(c["monitor"]["perplexity/ratio"] > 0 for c in cyc)
+  assert [json.loads(l)["kind"] for l in open(os.path.join(run_dir, "monitor.jsonl"))].count("eval") == 2
+
+  # Killed after cycle 1's dream, before its checkpoint: the rerun redoes cycle 1, skips its
+  # written scenarios (no duplicates, no lost triplets) and trains to the same parameters (bitwise on CPU).
+  before = open(path, "rb").read()
+  shutil.rmtree(os.path.join(ckpts, str(step2)))
+  s3 = cycle.run(cycle.CycleConfig(run_dir=run_dir, cycles=2, **TINY))
+  assert s3["start_cycle"] == 1 and s3["step"] == step2
+  redo = s3["per_cycle"][0]
+  assert redo["kept"] == 0 and redo["skipped_existing"] == s2["per_cycle"][0]["kept"]
+  assert open(path, "rb").read() == before
+  p2b = params_at(run_dir, step2)
+  for k in p2:
+    np.testing.assert_array_equal(p2b[k], p2[k], err_msg=k)
+
+
+
+def test_resume_with_changed_settings_is_refused(tmp_path):
+  run_dir = str(tmp_path / "run")
+  os.makedirs(run_dir)
+  saved = dict(cycle.CycleConfig(run_dir=run_dir, **TINY).to_json(), scenarios=99)
+  with open(os.path.join(run_dir, "config.json"), "w") as f:
+    json.dump(saved, f)
+  with pytest.raises(cycle.RunError, match="config.json.*scenarios"):
+    cycle.run(cycle.CycleConfig(run_dir=run_dir, **TINY))
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(cycles=0), "--cycles: must be >= 1"),
+    (dict(temperatures=(0.5,), samples_per_temperature=1), "--temperatures × --samples_per_temperature"),
+    (dict(optimizer="sgd"), "--optimizer: 'sgd' is not one of"),
+    (dict(memories="/nonexistent/mem.jsonl"), "--memories: '/nonexistent/mem.jsonl' is not a file"),
+])
+def test_bad_settings_name_the_flag(tmp_path, kw, match):
+  with pytest.raises(cycle.RunError, match=match):
+    cycle.run(cycle.CycleConfig(run_dir=str(tmp_path / "run"), **dict(TINY, **kw)))
+
+
+def test_bad_memory_file_names_file_and_line(tmp_path):
+  mem = tmp_path / "mem.jsonl"
+  mem.write_text('{"id": "a", "text": "one"}\n{"text": "no id"}\n')
+  with pytest.raises(jsonl.DataError, match=r"mem.jsonl:2"):
+    cycle.run(cycle.CycleConfig(run_dir=str(tmp_path / "run"), memories=str(mem), **TINY))
+
+
+def test_launcher_bad_flag_exits_2_with_a_clear_error(tmp_path):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  out = subprocess.run([sys.executable, "-m", "launch.dream", "--run_dir", str(tmp_path / "r"), "--scenarios", "0"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2 and "error: --scenarios: must be >= 1, got 0" in out.stderr
+  assert not os.path.exists(tmp_path / "r" / "checkpoints")
