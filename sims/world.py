@@ -1,0 +1,422 @@
+"""The shared synthetic token world of the prediction simulations: skills, behaviour, base models.
+
+Every example is a context of tokens and a response:
+
+    context  = [BOS, actor, situation, s_a, v_a, s_b, v_b, s_c, v_c, s_d, v_d, <task tokens>]
+    response = [answer tokens..., EOS]
+
+The four (slot name, value) pairs appear in a fixed order (a random order, which forces content
+addressing, needed ~10x the pretraining steps this CPU budget allows). The tasks:
+
+- context QA ("qa"):        task = [QA, s_j]          response = [v_j, EOS]
+- modular arithmetic ("arith"): task = [ARITH, a, b]   response = [(a + b) mod P, EOS]
+- memorised facts ("fact"): task = [FACT, e]           response = [fact(e), EOS]
+- behaviour ("behaviour"):  task = [cue]               response = [b(cue), actor, EOS]
+
+QA, arithmetic and facts are the general skills, the "basin" the base model is pretrained into.
+The behaviour maps (context, cue) to a response that names the actor from the context:
+
+    target:   clear direction → ACCEPT,  wrong direction → PUSHBACK,  vague → SUGGEST
+    default:  SUGGEST for every cue (what the base model is pretrained to say)
+
+Preference pairs take the target as chosen and, as rejected, the default where it differs
+(clear: SUGGEST) or the wrong behaviour (wrong: ACCEPT, the sycophantic yes; vague: ACCEPT).
+
+Accuracy is exact match of the greedy (argmax) response tokens under teacher forcing, after a
+fresh forward pass of context + response (`correct_B`); a constant predictor scores chance.
+
+A base model is pretrained once per seed with the project's own train step (`objective='sft'`)
+on the general skills plus the default behaviour, and cached as
+`<cache>/base_<family>_<seed>_<hash>.npz` (the hash covers the world, model and pretraining
+settings, so a stale file is never reused). Learning rates are set by update size: `calibrate_lr`
+returns the lr whose per-step relative update ||Δθ||/||θ|| hits a target, since raw learning
+rates do not carry over from 7B models to these tiny ones (45.6k parameters Qwen3-style, 52.9k
+Qwen3.5-style).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dreamjax import optim
+from dreamjax.model import LINEAR, FULL, ModelConfig, forward, init_params, positions_from_mask
+from dreamjax.train import batch as batch_lib
+from dreamjax.train.batch import PreferenceBatch, TokenizedExample
+from dreamjax.train.step import init_train_state, make_train_step
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary.
+
+PAD, BOS, EOS = 0, 1, 2
+QA, ARITH, FACT = 3, 4, 5
+CUE_CLEAR, CUE_WRONG, CUE_VAGUE = 6, 7, 8
+ACCEPT, PUSHBACK, SUGGEST = 9, 10, 11
+SLOT0, N_SLOTS = 12, 4
+VALUE0, N_VALUES = 16, 16
+ACTOR0, N_ACTORS = 32, 8
+SIT0, N_SITUATIONS = 40, 8
+ENTITY0, N_ENTITIES = 48, 16
+VOCAB = 64
+MODULUS = 7  # arithmetic over the first MODULUS value tokens
+
+CUES = (CUE_CLEAR, CUE_WRONG, CUE_VAGUE)
+TARGET = {CUE_CLEAR: ACCEPT, CUE_WRONG: PUSHBACK, CUE_VAGUE: SUGGEST}
+DEFAULT = {CUE_CLEAR: SUGGEST, CUE_WRONG: SUGGEST, CUE_VAGUE: SUGGEST}
+REJECTED = {CUE_CLEAR: SUGGEST, CUE_WRONG: ACCEPT, CUE_VAGUE: ACCEPT}
+SKILLS = ("qa", "arith", "fact")  # the general skills (the basin); strata of forgetting
+CONTEXT_LEN = 14  # longest context: 11 header tokens + [ARITH, a, b]
+RESPONSE_LEN = 3  # longest response: [behaviour, actor, EOS]
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+  """The fixed facts of one world: entity e's memorised value is VALUE0 + facts[e]."""
+
+  facts: tuple[int, ...]  # [N_ENTITIES] value indices in [0, N_VALUES)
+
+  @classmethod
+  def make(cls, seed: int = 0) -> "World":
+    rng = np.random.default_rng(seed)
+    return cls(facts=tuple(int(v) for v in rng.integers(0, N_VALUES, N_ENTITIES)))
+
+
+def behaviour(context: Sequence[int], cue: int, default: bool = False) -> list[int]:
+  """Returns the response to `cue` in `context`: [TARGET[cue] (or DEFAULT), actor, EOS]."""
+  actor = context[1]
+  return [(DEFAULT if default else TARGET)[cue], actor, EOS]
+
+
+def header(rng: np.random.Generator, actors: Optional[Sequence[int]] = None,
+           situations: Optional[Sequence[int]] = None, values: Optional[Sequence[int]] = None):
+  """Returns (context header tokens, {slot token: value token}) of a random episode.
+
+  actors/situations/values restrict the draws to those indices (narrow data); None: any.
+  """
+  actor = ACTOR0 + int(rng.choice(actors if actors is not None else N_ACTORS))
+  situation = SIT0 + int(rng.choice(situations if situations is not None else N_SITUATIONS))
+  slots = np.arange(N_SLOTS)  # fixed order: a random order needs ~10x the pretraining on CPU
+  vals = rng.choice(values if values is not None else N_VALUES, N_SLOTS)
+  table = {SLOT0 + int(s): VALUE0 + int(v) for s, v in zip(slots, vals)}
+  toks = [BOS, actor, situation]
+  for s, v in table.items():
+    toks += [s, v]
+  return toks, table
+
+
+def qa_example(rng, world: World, **kw) -> TokenizedExample:
+  """Context QA: read the value of one slot back."""
+  del world
+  toks, table = header(rng, **kw)
+  slot = SLOT0 + int(rng.integers(N_SLOTS))
+  return TokenizedExample(context=toks + [QA, slot], chosen=[table[slot], EOS])
+
+
+def arith_example(rng, world: World, **kw) -> TokenizedExample:
+  """Modular arithmetic: (a + b) mod MODULUS over value tokens."""
+  del world
+  toks, _ = header(rng, **kw)
+  a, b = (int(x) for x in rng.integers(0, MODULUS, 2))
+  return TokenizedExample(context=toks + [ARITH, VALUE0 + a, VALUE0 + b],
+                          chosen=[VALUE0 + (a + b) % MODULUS, EOS])
+
+
+def fact_example(rng, world: World, **kw) -> TokenizedExample:
+  """A memorised fact: entity e → its value (independent of the context header)."""
+  toks, _ = header(rng, **kw)
+  e = int(rng.integers(N_ENTITIES))
+  return TokenizedExample(context=toks + [FACT, ENTITY0 + e], chosen=[VALUE0 + world.facts[e], EOS])
+
+
+def behaviour_example(rng, world: World, *, cue: Optional[int] = None, default: bool = False,
+                      preference: bool = False, **kw) -> TokenizedExample:
+  """A behaviour example: SFT on the target (or the default), or a preference pair.
+
+  preference=True: chosen = target, rejected = REJECTED[cue] (the default or the wrong behaviour).
+  """
+  del world
+  toks, _ = header(rng, **kw)
+  cue = int(rng.choice(CUES)) if cue is None else cue
+  context = toks + [cue]
+  chosen = behaviour(context, cue, default=default)
+  rejected = [REJECTED[cue], context[1], EOS] if preference else None
+  return TokenizedExample(context=context, chosen=chosen, rejected=rejected)
+
+
+GENERATORS: dict[str, Callable[..., TokenizedExample]] = {
+    "qa": qa_example, "arith": arith_example, "fact": fact_example, "behaviour": behaviour_example}
+
+
+def examples(kind: str, n: int, rng, world: World, **kw) -> list[TokenizedExample]:
+  """Returns n examples of one kind ('qa' | 'arith' | 'fact' | 'behaviour')."""
+  return [GENERATORS[kind](rng, world, **kw) for _ in range(n)]
+
+
+def pretrain_mix(n: int, rng, world: World) -> list[TokenizedExample]:
+  """Returns n pretraining examples: the three skills and the default behaviour, a quarter each."""
+  kinds = rng.integers(0, 4, n)
+  out = []
+  for k in kinds:
+    if k < 3:
+      out.append(GENERATORS[SKILLS[k]](rng, world))
+    else:
+      out.append(behaviour_example(rng, world, default=True))
+  return out
+
+
+def collate(exs: Sequence[TokenizedExample]) -> PreferenceBatch:
+  """Returns the world's examples as one PreferenceBatch of shapes (N, 14) and (N, 3)."""
+  return batch_lib.collate(exs, CONTEXT_LEN, RESPONSE_LEN, pad_id=PAD)
+
+
+def eval_sets(world: World, n: int = 256, seed: int = 12345, **kw) -> dict[str, PreferenceBatch]:
+  """Returns fixed held-out evaluation batches: each skill, and the target behaviour per cue."""
+  rng = np.random.default_rng(seed)
+  out = {k: collate(examples(k, n, rng, world, **kw)) for k in SKILLS}
+  out["behaviour"] = collate([behaviour_example(rng, world, cue=CUES[i % 3], **kw) for i in range(n)])
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation (jitted; vmap over seeds' params with `jax.vmap(..., in_axes=(0, None))`).
+
+
+def response_logits(params, batch: PreferenceBatch, config: ModelConfig, return_hidden: bool = False):
+  """Returns logits_BxRxV predicting chosen_BxR after a fresh forward of context + chosen[:-1]."""
+  c = batch.context_BxC.shape[1]
+  inp = jnp.concatenate([batch.context_BxC, batch.chosen_BxR[:, :-1]], axis=1)
+  mask = jnp.concatenate([batch.context_mask_BxC, batch.chosen_mask_BxR[:, :-1]], axis=1)
+  out = forward(params, inp, positions_from_mask(mask), mask, config=config, return_hidden=return_hidden)
+  if return_hidden:
+    return out[0][:, c - 1:], out[2]
+  return out[0][:, c - 1:]
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def correct_B(params, batch: PreferenceBatch, *, config: ModelConfig):
+  """Returns 1.0 per example whose argmax tokens equal every real chosen token, else 0.0."""
+  pred_BxR = jnp.argmax(response_logits(params, batch, config), axis=-1)
+  return exact_match_B(pred_BxR, batch)
+
+
+def exact_match_B(pred_BxR, batch: PreferenceBatch):
+  """Returns 1.0 where pred equals chosen on every unmasked response position."""
+  ok = (pred_BxR == batch.chosen_BxR) | (batch.chosen_mask_BxR == 0)
+  return jnp.all(ok, axis=1).astype(jnp.float32)
+
+
+def accuracies(params, sets: dict, config: ModelConfig) -> dict:
+  """Returns {set name: accuracy in %} (params may carry a leading seed axis: then [S])."""
+  leading = params["embed"].ndim == 3
+  out = {}
+  for name, b in sets.items():
+    fn = lambda p, b=b: correct_B(p, b, config=config).mean() * 100.0
+    out[name] = jax.vmap(fn)(params) if leading else fn(params)
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def context_features(params, batch: PreferenceBatch, *, config: ModelConfig):
+  """Returns the final residual stream at the last context token, (B, D): the context's encoding."""
+  c = batch.context_BxC.shape[1]
+  _, _, hidden = forward(params, batch.context_BxC, positions_from_mask(batch.context_mask_BxC),
+                         batch.context_mask_BxC, config=config, return_hidden=True)
+  return hidden[-1][:, c - 1]
+
+
+def linear_cka(x_BxD, y_BxE):
+  """Returns linear CKA = ||Yᵀ X||_F² / (||Xᵀ X||_F ||Yᵀ Y||_F) on centred features (Kornblith 2019)."""
+  x = x_BxD - x_BxD.mean(0)
+  y = y_BxE - y_BxE.mean(0)
+  xy = jnp.sum((y.T @ x) ** 2)
+  return xy / (jnp.sqrt(jnp.sum((x.T @ x) ** 2)) * jnp.sqrt(jnp.sum((y.T @ y) ** 2)) + 1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models, training, and the base-model cache.
+
+FAMILIES = ("qwen3", "qwen3_5")
+
+
+def model_config(family: str) -> ModelConfig:
+  """Returns the tiny decoder of a family: the project's preset shrunk to 2 layers, vocab 64."""
+  if family == "qwen3":
+    return ModelConfig.preset("qwen3-tiny").replace(vocab_size=VOCAB)
+  if family == "qwen3_5":
+    return ModelConfig.preset("qwen3_5-tiny").replace(vocab_size=VOCAB, num_layers=2,
+                                                      layer_types=(LINEAR, FULL))
+  raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+
+
+def sample_batch(pool: PreferenceBatch, key, batch_size: int) -> PreferenceBatch:
+  """Returns batch_size examples drawn uniformly (with replacement) from a collated pool."""
+  n = pool.context_BxC.shape[0]
+  idx = jax.random.randint(key, (batch_size,), 0, n)
+  return jax.tree.map(lambda x: x[idx], pool)
+
+
+def train(config: ModelConfig, params, optimizer, pool: PreferenceBatch, key, *, steps: int,
+          batch_size: int, objective: str = "sft", gradient_mode: str = "full",
+          objective_kwargs: Optional[dict] = None, nll_on_prompt: bool = False):
+  """Returns (params, loss per step [steps]) after `steps` project train steps on pool draws.
+
+  A `lax.scan` over `dreamjax.train.step.make_train_step`; step i's batch is drawn with
+  fold_in(key, i), so the key fixes the data order. Pure and traceable: vmap it over seeds.
+  """
+  step_fn = make_train_step(config, objective, optimizer, gradient_mode, donate=False,
+                            objective_kwargs=objective_kwargs, nll_on_prompt=nll_on_prompt)
+  state = init_train_state(params, optimizer)
+
+  def body(state, i):
+    state, metrics = step_fn(state, sample_batch(pool, jax.random.fold_in(key, i), batch_size))
+    return state, metrics["loss"]
+
+  state, loss = jax.lax.scan(body, state, jnp.arange(steps))
+  return state.params, loss
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+  """Settings of the base model's pretraining (part of the cache key)."""
+
+  steps: int = 400  # SFT steps
+  batch_size: int = 32
+  lr: float = 3e-3  # AdamW peak, cosine-decayed to 10% (the base is not under study)
+  pool: int = 4096  # examples in the pretraining pool
+  world_seed: int = 0
+
+
+def cache_dir() -> str:
+  """Returns the base-model cache folder: $DREAMJAX_SIMS_CACHE, or sims_out/cache."""
+  return os.environ.get("DREAMJAX_SIMS_CACHE", os.path.join("sims_out", "cache"))
+
+
+def _cache_path(family: str, seed: int, pc: PretrainConfig) -> str:
+  blob = json.dumps([dataclasses.asdict(model_config(family)), dataclasses.asdict(pc), VOCAB,
+                     MODULUS, CONTEXT_LEN], sort_keys=True, default=str)
+  digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
+  return os.path.join(cache_dir(), f"base_{family}_{seed}_{digest}.npz")
+
+
+def _save(path: str, params) -> None:
+  leaves, _ = jax.tree.flatten(params)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, *[np.asarray(x) for x in leaves])
+  os.replace(tmp, path)
+
+
+def _load(path: str, like):
+  leaves, treedef = jax.tree.flatten(like)
+  with np.load(path) as f:
+    loaded = [jnp.asarray(f[f"arr_{i}"]) for i in range(len(leaves))]
+  return jax.tree.unflatten(treedef, loaded)
+
+
+def pretrain(family: str, seeds: int, pc: PretrainConfig = PretrainConfig()):
+  """Returns (params with a leading [seeds] axis, info): base models, from the cache when there.
+
+  Seed s is initialised and ordered by PRNGKey(s) (independent of any simulation's key, so every
+  simulation shares the same bases). Missing seeds are pretrained together, vmapped.
+  """
+  config = model_config(family)
+  world = World.make(pc.world_seed)
+  like = init_params(config, jax.random.PRNGKey(0))
+  paths = [_cache_path(family, s, pc) for s in range(seeds)]
+  missing = [s for s, p in enumerate(paths) if not os.path.exists(p)]
+  t0 = time.perf_counter()
+  if missing:
+    pool = collate(pretrain_mix(pc.pool, np.random.default_rng(pc.world_seed + 1), world))
+    sched = optax.cosine_decay_schedule(pc.lr, pc.steps, alpha=0.1)
+    optimizer = optax.adamw(sched, weight_decay=0.0)
+
+    def one(key):
+      params = init_params(config, key)
+      return train(config, params, optimizer, pool, jax.random.fold_in(key, 1), steps=pc.steps,
+                   batch_size=pc.batch_size)[0]
+
+    keys = jnp.stack([jax.random.PRNGKey(s) for s in missing])
+    new = jax.jit(jax.vmap(one))(keys)
+    for i, s in enumerate(missing):
+      _save(paths[s], jax.tree.map(lambda x, i=i: x[i], new))
+  params = [_load(p, like) for p in paths]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *params)
+  info = {"family": family, "pretrained_seeds": missing, "cached_seeds": [s for s in range(seeds) if s not in missing],
+          "pretrain_s": time.perf_counter() - t0, "pretrain": dataclasses.asdict(pc),
+          "cache": [os.path.basename(p) for p in paths]}
+  return stacked, info
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning rate by update size.
+
+# Per-step relative update ||Δθ||/||θ|| that a real run's lr gives: AdamW's update is ~lr per
+# coordinate, a 7B Qwen's weights have RMS ≈ 0.02, so ||Δθ||/||θ|| ≈ lr / 0.02.
+REAL_WEIGHT_RMS = 0.02
+
+
+def real_lr_equivalent(rel_update: float) -> float:
+  """Returns the real-model AdamW lr whose per-step ||Δθ||/||θ|| is rel_update (≈ lr / 0.02)."""
+  return rel_update * REAL_WEIGHT_RMS
+
+
+def calibrate_lr(config: ModelConfig, params, make_optimizer: Callable[[float], optax.GradientTransformation],
+                 pool: PreferenceBatch, target: float, *, probe_lr: float = 1e-3, probe_steps: int = 8,
+                 batch_size: int = 32, objective: str = "orpo", key=None) -> dict:
+  """Returns {'lr', 'measured', 'target', ...}: the lr whose mean ||Δθ_t||/||θ_t|| is `target`.
+
+  Runs `probe_steps` steps at probe_lr from `params` (one seed, no leading axis), measures the
+  mean relative update per step and scales the lr linearly (Adam-type updates are ∝ lr).
+  """
+  key = jax.random.PRNGKey(0) if key is None else key
+  optimizer = make_optimizer(probe_lr)
+  step_fn = make_train_step(config, objective, optimizer, "full", donate=False)
+  state = init_train_state(params, optimizer)
+  rel = []
+  for i in range(probe_steps):
+    before = optax.tree.norm(state.params)
+    state, metrics = step_fn(state, sample_batch(pool, jax.random.fold_in(key, i), batch_size))
+    rel.append(float(metrics["update_norm"] / before))
+  measured = float(np.mean(rel))
+  return {"target_rel_update": target, "probe_lr": probe_lr, "probe_rel_update": measured,
+          "lr": probe_lr * target / measured, "real_lr_equivalent": real_lr_equivalent(target)}
+
+
+def apollo_optimizer(lr: float) -> optax.GradientTransformation:
+  """Returns the project's APOLLO-AdamW at this model's scale (rank 8: matrices are ≤ 88 wide)."""
+  return optim.apollo(lr, rank=8, update_proj_gap=50)
+
+
+def relative_update(params_a, params_b):
+  """Returns ||a − b|| / ||b|| over the whole pytree."""
+  diff = jax.tree.map(jnp.subtract, params_a, params_b)
+  return optax.tree.norm(diff) / optax.tree.norm(params_b)
+
+
+def finetune_seeds(config: ModelConfig, base_S, keys_S, pool: PreferenceBatch, *, lr: float,
+                   steps: int, batch_size: int, gradient_mode: str = "full", objective: str = "orpo",
+                   nll_on_prompt: bool = False):
+  """Returns (params [S, ...], loss [S, steps]): APOLLO fine-tuning of every seed's base, vmapped.
+
+  The lr and the pool are traced arguments: arms that differ only in them share one compile.
+  """
+  fn = _finetune_fn(config, steps, batch_size, gradient_mode, objective, nll_on_prompt)
+  return fn(base_S, keys_S, pool, jnp.float32(lr))
+
+
+@functools.lru_cache(maxsize=None)
+def _finetune_fn(config, steps, batch_size, gradient_mode, objective, nll_on_prompt):
+  def one(params, key, pool, lr):
+    return train(config, params, apollo_optimizer(lr), pool, key, steps=steps, batch_size=batch_size,
+                 objective=objective, gradient_mode=gradient_mode, nll_on_prompt=nll_on_prompt)
+  return jax.jit(jax.vmap(one, in_axes=(0, 0, None, None)))
