@@ -23,7 +23,8 @@ TINY = dict(scenarios=4, max_new_tokens=6, max_prompt_tokens=64, gen_batch_size=
 def params_at(run_dir, step):
   """Returns the params of checkpoint `step` as a flat {path: numpy array}."""
   base = step == ckpt_lib.BASE_DIR  # the base holds the params alone
-  path = os.path.join(run_dir, "checkpoints", str(step), *(() if base else (ckpt_lib.STATE,)))
+  path = (os.path.join(run_dir, ckpt_lib.BASE_DIR) if base
+          else os.path.join(run_dir, "checkpoints", str(step), ckpt_lib.STATE))
   with ocp.StandardCheckpointer() as c:
     tree = c.restore(path)
   return {k: np.asarray(v) for k, v in _flatten(tree if base else tree["params"]).items()}
@@ -72,8 +73,10 @@ def test_two_cycles_resume_and_redo_a_killed_cycle(tmp_path):
 
   # One checkpoint per cycle (plus the base); the params moved in each cycle.
   ckpts = os.path.join(run_dir, "checkpoints")
-  assert {str(step1), str(step2), "base"} <= set(os.listdir(ckpts))
-  p0, p1, p2 = params_at(run_dir, "base"), params_at(run_dir, step1), params_at(run_dir, step2)
+  assert {str(step1), str(step2)} <= set(os.listdir(ckpts))
+  assert os.path.isdir(os.path.join(run_dir, ckpt_lib.BASE_DIR))
+  p0, p1, p2 = (params_at(run_dir, ckpt_lib.BASE_DIR), params_at(run_dir, step1),
+                params_at(run_dir, step2))
   assert p0.keys() == p1.keys() == p2.keys()
   assert any(not np.array_equal(p0[k], p1[k]) for k in p0)
   assert any(not np.array_equal(p1[k], p2[k]) for k in p1)

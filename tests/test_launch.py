@@ -51,7 +51,8 @@ def test_run_end_to_end(tmp_path):
                                     mesh="1,1", max_context_len=64, max_response_len=48, save_every=3))
   assert summary["status"] == "finished" and summary["steps"] == 7
   assert summary["tokenization"]["context_truncated"] == 0
-  assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["3", "6", "7", "base"]
+  assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["3", "6", "7"]
+  assert os.path.isdir(os.path.join(run_dir, "base_model"))
   lines = [json.loads(x) for x in open(os.path.join(run_dir, "monitor.jsonl"))]
   assert [(x["step"], x["kind"], x["action"]) for x in lines] == [(3, "eval", "continue"), (6, "eval", "continue"),
                                                                   (7, "eval", "continue")]

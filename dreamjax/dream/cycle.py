@@ -24,7 +24,8 @@ The run folder:
 
     RUN/config.json          the cycle config (written at start; kept as first written)
     RUN/triplets/dream.jsonl the dreamt triplets (TRL format + id, kind, provenance)
-    RUN/checkpoints/         Orbax steps (+ base/, the model before the first cycle)
+    RUN/checkpoints/         Orbax steps
+    RUN/base_model/          the model before the first cycle (Orbax)
     RUN/cycles.jsonl         one line per finished cycle: dream stats, steps, loss, monitor figures
     RUN/monitor.jsonl        the guard's decisions
     RUN/tb/                  TensorBoard scalars

@@ -5,9 +5,11 @@ Layout under `directory` (the run's `RUN/checkpoints/`):
     <step>/state           TrainState (params, opt_state incl. APOLLO keys, step, rng): StandardSave
     <step>/data_position   the mixer position, a dict of ints: JsonSave
     <step>/run_config      the run config, a JSON dict: JsonSave
-    base/                  the base model params, written once (drift and rollback): StandardSave
     corrupt/<step>         steps found unreadable on restore, moved aside (never deleted)
     rolled_back/<step>     steps newer than a rollback target, moved aside (never deleted)
+
+and beside it, `RUN/base_model/`: the base model params, written once (drift, rollback, the DPO
+reference): StandardSave.
 
 `Checkpointer` wraps `ocp.CheckpointManager` with a save-decision policy (every `save_every` steps,
 or at a multi-host preemption sync point) and a preservation policy (the newest `keep` steps, plus
@@ -41,7 +43,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from dreamjax.train.mesh import tree_shardings
 
 STATE, DATA, CONFIG = "state", "data_position", "run_config"
-BASE_DIR, CORRUPT_DIR, ROLLED_BACK_DIR = "base", "corrupt", "rolled_back"
+BASE_DIR, CORRUPT_DIR, ROLLED_BACK_DIR = "base_model", "corrupt", "rolled_back"
 # Run-config fields that must not change on resume (absent from both configs: not checked).
 RESUME_MUST_MATCH = ("model", "optimizer", "objective", "gradient_mode", "seed")
 
@@ -380,7 +382,10 @@ class Checkpointer:
 
   @property
   def base_dir(self) -> epath.Path:
-    return self.directory / BASE_DIR
+    """`<directory>/../base_model`: beside the steps, not among them — the CheckpointManager cleans
+    `*.orbax-checkpoint-tmp` folders in its own directory in the background, which raced with the
+    base's write when it lived there."""
+    return self.directory.parent / BASE_DIR
 
   def has_base(self) -> bool:
     return (self.base_dir / _COMMIT_FILE).exists()

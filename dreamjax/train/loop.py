@@ -4,7 +4,8 @@
 tested. The run folder (design.md):
 
     RUN/config.json       the run config (written at start; kept as first written)
-    RUN/checkpoints/      Orbax steps (train state, data position, run config) and base/
+    RUN/checkpoints/      Orbax steps (train state, data position, run config)
+    RUN/base_model/       the base model's params (Orbax), written once: drift, rollback, DPO reference
     RUN/tb/               TensorBoard event files
     RUN/monitor.jsonl     one line per guard decision (append-only)
     RUN/summary.json      final figures and where everything is
