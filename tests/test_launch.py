@@ -45,9 +45,10 @@ def final_state(run_dir):
   return state, position, step
 
 
-def test_run_end_to_end(tmp_path):
+def test_run_end_to_end(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # a relative --run_dir, as in README's command
   run_dir = str(tmp_path / "run")
-  summary = loop.run(loop.RunConfig(run_dir=run_dir, max_steps=7, batch_size=4, eval_every=3, eval_examples=4,
+  summary = loop.run(loop.RunConfig(run_dir="run", max_steps=7, batch_size=4, eval_every=3, eval_examples=4,
                                     mesh="1,1", max_context_len=64, max_response_len=48, save_every=3))
   assert summary["status"] == "finished" and summary["steps"] == 7
   assert summary["tokenization"]["context_truncated"] == 0

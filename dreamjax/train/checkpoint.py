@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import signal
 import threading
@@ -162,7 +163,7 @@ class Checkpointer:
       raise ValueError(f"Checkpointer: keep must be >= 1 or None, got {keep}")
     if save_every < 1:
       raise ValueError(f"Checkpointer: save_every must be >= 1, got {save_every}")
-    self.directory = epath.Path(directory)
+    self.directory = epath.Path(os.path.abspath(os.fspath(directory)))  # Orbax needs absolute paths
     self.keep, self.save_every, self.async_save = keep, save_every, async_save
     self._good: set[int] = set()
     self._pending: Optional[int] = None  # step of an async save not yet confirmed

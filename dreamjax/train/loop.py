@@ -393,6 +393,10 @@ def run(cfg: RunConfig) -> dict:
   ckpt.wait()
   ckpt.close()
   logger.close()
+  summary_path = os.path.join(cfg.run_dir, "summary.json")
+  if step == start and os.path.exists(summary_path):  # nothing left to do: keep the run's summary
+    with open(summary_path) as f:
+      return json.load(f)
   summary = {
       "status": status, "steps": step, "total_steps": total_steps, "seconds": round(time.time() - t_run, 2),
       "model": cfg.model, "lr": lr, "context_len": c_len, "response_len": r_len,
@@ -405,6 +409,6 @@ def run(cfg: RunConfig) -> dict:
                 "tensorboard": os.path.join(os.path.abspath(cfg.run_dir), "tb"),
                 "monitor": os.path.abspath(guard.path)},
   }
-  with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
+  with open(summary_path, "w") as f:
     json.dump(summary, f, indent=1, default=float)
   return summary
