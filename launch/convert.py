@@ -17,7 +17,6 @@ import shutil
 import sys
 
 from absl import app, flags, logging
-import jax
 import orbax.checkpoint as ocp
 
 from dreamjax.data import builtin
@@ -95,7 +94,7 @@ def orbax_to_hf(src: str, dst: str, step=None) -> int | None:
     model = run_config.get("model", "")
     tok_src = builtin.TOKENIZER if model in model_config_lib.PRESETS else model
   os.makedirs(dst)
-  hf.save_hf(dst, jax.tree.map(lambda x: x, params), config)
+  hf.save_hf(dst, params, config)
   if tok_src and os.path.isdir(tok_src):
     _copy_tokenizer(tok_src, dst)
   return used

@@ -120,7 +120,8 @@ def parse_text(obj: Any, where: str) -> TextExample:
   return TextExample(obj["text"], source=where)
 
 
-def _iter_lines(path: str) -> Iterator[tuple[int, str]]:
+def iter_lines(path: str) -> Iterator[tuple[int, str]]:
+  """Yields (line number, text) of the non-blank lines of a JSONL file; DataError if it is missing."""
   if not os.path.exists(path):
     raise DataError(f"{path}: no such file")
   if os.path.isdir(path):
@@ -133,7 +134,7 @@ def _iter_lines(path: str) -> Iterator[tuple[int, str]]:
 
 def _read(path, parse, skip_bad_lines, bad_lines_file, bad):
   out = []
-  for lineno, line in _iter_lines(path):
+  for lineno, line in iter_lines(path):
     where = f"{path}:{lineno}"
     try:
       try:

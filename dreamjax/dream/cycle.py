@@ -420,14 +420,8 @@ def run(cfg: CycleConfig, on_cycle: Optional[Callable[[dict], None]] = None) -> 
                                                        "total": round(time.time() - t0, 2)},
       }
       if decision.action == "abort":
-        status = f"aborted in cycle {k} at step {step}: {'; '.join(decision.reasons)}"
-        target = guard.rollback_step(ckpt.all_steps())
-        if target is not None:
-          ckpt.rollback(target, abstract_state=state, mesh=mesh)
-          status += f"; rolled back to checkpoint step {target}"
-        else:
-          status += "; no checkpoint passed the guard, nothing to roll back to"
-        logging.error(status)
+        status = train_loop.abort_and_rollback(f"aborted in cycle {k} at step {step}", decision, guard, ckpt,
+                                               state, mesh)
         _append_line(cycles_path, dict(record, status=status))
         records.append(record)
         break

@@ -27,6 +27,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
+from dreamjax.data import jsonl
 from dreamjax.data.jsonl import DataError
 
 Timestamp = Union[str, float, int]
@@ -82,19 +83,12 @@ class EdgeConfig:
 
 def read_objects(path: str) -> Iterator[tuple[str, Any]]:
   """Yields ("file:line", decoded JSON value) for each non-blank line of a JSONL file."""
-  if not os.path.exists(path):
-    raise DataError(f"{path}: no such file")
-  if os.path.isdir(path):
-    raise DataError(f"{path}: is a directory; expected a JSONL file")
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f"{path}:{lineno}"
-      try:
-        yield where, json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{where}: malformed JSON at column {e.colno}: {e.msg}") from None
+  for lineno, line in jsonl.iter_lines(path):
+    where = f"{path}:{lineno}"
+    try:
+      yield where, json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataError(f"{where}: malformed JSON at column {e.colno}: {e.msg}") from None
 
 
 def check_keys(obj: Any, where: str, allowed: Sequence[str], required: Sequence[str], what: str) -> dict:

@@ -254,6 +254,19 @@ def _write_json_once(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def abort_and_rollback(what: str, decision, guard, ckpt, state, mesh) -> str:
+  """Rolls the checkpoints back to the newest one that passed the guard; returns the run status."""
+  status = f"{what}: {'; '.join(decision.reasons)}"
+  target = guard.rollback_step(ckpt.all_steps())
+  if target is not None:
+    ckpt.rollback(target, abstract_state=state, mesh=mesh)
+    status += f"; rolled back to checkpoint step {target}"
+  else:
+    status += "; no checkpoint passed the guard, nothing to roll back to"
+  logging.error(status)
+  return status
+
+
 def _host(x) -> float:
   return float(np.asarray(jax.device_get(x)))
 
@@ -289,8 +302,9 @@ def run(cfg: RunConfig) -> dict:
   except ValueError as e:
     raise RunError(f"--mesh {cfg.mesh}: {e}") from None
   n_dev = mesh.devices.size
-  if cfg.batch_size % (n_dev * cfg.grad_accum) and cfg.batch_size % n_dev:
-    raise RunError(f"--batch_size {cfg.batch_size} is not divisible by the {n_dev} devices of --mesh {cfg.mesh}")
+  if (cfg.batch_size // cfg.grad_accum) % n_dev:
+    raise RunError(f"--batch_size {cfg.batch_size} / --grad_accum {cfg.grad_accum} is not divisible by the "
+                   f"{n_dev} devices of --mesh {cfg.mesh}")
   place = lambda tree: jax.device_put(tree, mesh_lib.tree_shardings(tree, mesh))
   params = place(params)
   # The step donates its state: the base params (drift, rollback, DPO reference) are a copy.
@@ -376,14 +390,7 @@ def run(cfg: RunConfig) -> dict:
         if decision.passed:
           ckpt.mark_good(step)
       if decision is not None and decision.action == "abort":
-        status = f"aborted at step {step}: {'; '.join(decision.reasons)}"
-        target = guard.rollback_step(ckpt.all_steps())
-        if target is not None:
-          ckpt.rollback(target, abstract_state=state, mesh=mesh)
-          status += f"; rolled back to checkpoint step {target}"
-        else:
-          status += "; no checkpoint passed the guard, nothing to roll back to"
-        logging.error(status)
+        status = abort_and_rollback(f"aborted at step {step}", decision, guard, ckpt, state, mesh)
         break
       ckpt.save(step, state, mixer.position.to_dict(), run_config, force=step == total_steps)
       if preempt.should_stop(step):
