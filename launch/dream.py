@@ -32,7 +32,20 @@ F.DEFINE_integer("seed", _D.seed, "Base seed: cycle k dreams with seed + k; also
 F.DEFINE_string("memories", _D.memories, "Memory graph JSONL (default: the shipped example).")
 F.DEFINE_string("templates", _D.templates, "Scenario templates JSONL (default: the shipped examples with targets).")
 F.DEFINE_string("rules", _D.rules, "Rule scorer JSONL (default: the shipped example rules).")
-F.DEFINE_string("scorer_command", _D.scorer_command, "External grader command (JSON lines in/out); replaces --rules.")
+F.DEFINE_enum("scorer", _D.scorer or None, list(cycle.SCORERS),
+              "Training-signal agent: rules (--rules) | judge (model judge) | command (--scorer_command). "
+              "Default: command if --scorer_command is set, else rules.")
+F.DEFINE_string("scorer_command", _D.scorer_command, "External grader command (JSON lines in/out).")
+F.DEFINE_enum("judge", _D.judge, ["base", "current"], "Model judge's params: the frozen base or the current model.")
+F.DEFINE_string("judge_template", _D.judge_template,
+                "Model judge prompt with {prompt} {response} {kind}; it compares log p(' yes') and log p(' no').")
+F.DEFINE_integer("recall_k", _D.recall_k, "Fast stage: memories retrieved into a template's {recalled}.")
+F.DEFINE_integer("replay_cycles", _D.replay_cycles, "Slow stage: cycles a new memory is favoured as a walk seed "
+                 "(0: uniform seeds).")
+F.DEFINE_float("replay_decay", _D.replay_decay, "Slow stage: per-cycle decay of a fresh memory's seed weight.")
+F.DEFINE_float("fresh_share", _D.fresh_share, "Slow stage: share of walk seeds on fresh memories; the rest "
+               "replays older ones.")
+F.DEFINE_integer("eval_scenarios", _D.eval_scenarios, "Held-out scenarios the monitor scores each cycle (0: none).")
 F.DEFINE_list("temperatures", [str(t) for t in _D.temperatures], "Sampling temperature sweep, comma-separated.")
 F.DEFINE_integer("samples_per_temperature", _D.samples_per_temperature, "Answers per scenario per temperature.")
 F.DEFINE_integer("max_new_tokens", _D.max_new_tokens, "Longest dreamt answer (tokens).")
@@ -78,17 +91,22 @@ def config_from_flags() -> cycle.CycleConfig:
     raise cycle.RunError(f"--temperatures: {','.join(kw['temperatures'])!r} is not a comma-separated list of "
                          "numbers") from None
   kw["general_data"] = tuple(kw["general_data"])
+  kw["scorer"] = kw["scorer"] or ""
   return cycle.CycleConfig(**kw)
 
 
 def _print_cycle(r: dict) -> None:
   d = r["dream"]
   ppl = r["monitor"].get("perplexity/ratio")
+  margin = cycle._margin(r["monitor"])  # pylint: disable=protected-access
+  c = r["consolidation"]
   print(f"cycle {r['cycle']}: scenarios {d['scenarios']} (skipped {d['skipped_existing']} already written), "
         f"kept {d['kept']} {d['kept_per_kind']}, steps {r['model_step']}->{r['step']}, loss "
         f"{r['loss_first'] if r['loss_first'] is None else round(r['loss_first'], 4)}->"
         f"{r['loss_last'] if r['loss_last'] is None else round(r['loss_last'], 4)}, perplexity ratio "
-        f"{ppl if ppl is None else round(ppl, 4)}, guard {r['guard']['action']}, {r['seconds']['total']} s",
+        f"{ppl if ppl is None else round(ppl, 4)}, held-out margin {margin if margin is None else round(margin, 3)}, "
+        f"memories {c['memories']} ({c['fresh']} fresh, seed share {c['fresh_seed_share']:.2f}), "
+        f"guard {r['guard']['action']}, {r['seconds']['total']} s",
         flush=True)
 
 

@@ -12,7 +12,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from dreamjax.data import jsonl
-from dreamjax.dream import cycle
+from dreamjax.dream import asset_path, cycle, memory, recall
+from dreamjax.dream.memory import Memory
 from dreamjax.train import checkpoint as ckpt_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,11 +51,26 @@ def lines(path):
 
 def test_two_cycles_resume_and_redo_a_killed_cycle(tmp_path):
   run_dir = str(tmp_path / "run")
-  s1 = cycle.run(cycle.CycleConfig(run_dir=run_dir, cycles=1, **TINY))
+  mem = str(tmp_path / "mem.jsonl")
+  shutil.copy(asset_path("memories.jsonl"), mem)
+  kw = dict(TINY, memories=mem, replay_cycles=2, fresh_share=0.9)
+  s1 = cycle.run(cycle.CycleConfig(run_dir=run_dir, cycles=1, **kw))
   assert s1["status"] == "finished" and s1["cycles_done"] == 1 and s1["step"] > 0
   step1 = s1["step"]
+  n_mem = len(memory.read_memories(mem))
+  c0 = s1["per_cycle"][0]["consolidation"]
+  assert c0 == {"fresh": n_mem, "consolidated": 0, "fresh_seed_share": pytest.approx(1.0), "memories": n_mem}
+  held_out = jsonl.read_preferences(os.path.join(run_dir, cycle.EVAL_SCENARIOS))
+  assert len(held_out) == 8 and s1["per_cycle"][0]["held_out_margin"] is not None
+  # The fast stage: a memory added between cycles enters at the next cycle, fresh.
+  recall.append_memory(mem, Memory("new1", "The user now wants every PR reviewed by two people.", tags=("testing",)))
   # Resume: cycles=2 on the same folder continues at cycle 1 from the saved state.
-  s2 = cycle.run(cycle.CycleConfig(run_dir=run_dir, cycles=2, **TINY))
+  s2 = cycle.run(cycle.CycleConfig(run_dir=run_dir, cycles=2, **kw))
+  c1 = s2["per_cycle"][0]["consolidation"]
+  assert c1["memories"] == n_mem + 1 and c1["fresh"] == n_mem + 1  # replay_cycles=2: age 1 is still fresh
+  ledger = json.load(open(os.path.join(run_dir, "memory_ledger.json")))
+  assert ledger["new1"] == 1 and set(ledger.values()) == {0, 1}
+  assert jsonl.read_preferences(os.path.join(run_dir, cycle.EVAL_SCENARIOS)) == held_out  # kept on resume
   assert s2["start_cycle"] == 1 and s2["cycles_done"] == 2
   assert s2["per_cycle"][0]["model_step"] == step1 and s2["step"] > step1
   step2 = s2["step"]
@@ -89,7 +105,7 @@ def test_two_cycles_resume_and_redo_a_killed_cycle(tmp_path):
   # written scenarios (no duplicates, no lost triplets) and trains to the same parameters (bitwise on CPU).
   before = open(path, "rb").read()
   shutil.rmtree(os.path.join(ckpts, str(step2)))
-  s3 = cycle.run(cycle.CycleConfig(run_dir=run_dir, cycles=2, **TINY))
+  s3 = cycle.run(cycle.CycleConfig(run_dir=run_dir, cycles=2, **kw))
   assert s3["start_cycle"] == 1 and s3["step"] == step2
   redo = s3["per_cycle"][0]
   assert redo["kept"] == 0 and redo["skipped_existing"] == s2["per_cycle"][0]["kept"]
@@ -110,8 +126,25 @@ def test_resume_with_changed_settings_is_refused(tmp_path):
     cycle.run(cycle.CycleConfig(run_dir=run_dir, **TINY))
 
 
+def test_model_judge_scorer_and_no_held_out(tmp_path):
+  run_dir = str(tmp_path / "run")
+  s = cycle.run(cycle.CycleConfig(run_dir=run_dir, cycles=1, scorer="judge", judge="current", eval_scenarios=0,
+                                  min_margin=-1e9, templates=asset_path("templates.jsonl"), **TINY))
+  assert s["status"] == "finished" and s["kept"] > 0 and s["per_cycle"][0]["held_out_margin"] is None
+  recs = lines(os.path.join(run_dir, cycle.TRIPLETS))
+  for r in recs:  # the judge's scores and reasons are in the provenance; no targets: best vs worst answer
+    assert r["provenance"]["reasons"]["chosen"].startswith("log p(yes)=")
+    assert r["provenance"]["scores"]["chosen"] >= r["provenance"]["scores"]["rejected"]
+  assert not os.path.exists(os.path.join(run_dir, cycle.EVAL_SCENARIOS))
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(cycles=0), "--cycles: must be >= 1"),
+    (dict(scorer="oracle"), "--scorer: 'oracle'"),
+    (dict(scorer="command"), "--scorer command needs --scorer_command"),
+    (dict(replay_decay=0.0), "--replay_decay: must be in"),
+    (dict(fresh_share=2.0), "--fresh_share: must be in"),
+    (dict(judge_template="{prompt} {oops}"), "--judge_template"),
     (dict(temperatures=(0.5,), samples_per_temperature=1), "--temperatures × --samples_per_temperature"),
     (dict(optimizer="sgd"), "--optimizer: 'sgd' is not one of"),
     (dict(memories="/nonexistent/mem.jsonl"), "--memories: '/nonexistent/mem.jsonl' is not a file"),

@@ -48,6 +48,7 @@ import numpy as np
 
 from dreamjax.data import builtin, jsonl
 from dreamjax.data import tokenize as tok_lib
+from dreamjax.dream import consolidate as consolidate_lib
 from dreamjax.dream import loop as dream_lib
 from dreamjax.dream import memory as memory_lib
 from dreamjax.dream import scenario as scenario_lib
@@ -84,19 +85,30 @@ class CycleConfig:
   memories: str = ""
   templates: str = ""  # default: the shipped templates with provided targets
   rules: str = ""
-  scorer_command: str = ""  # an external grader (JSON lines in/out); replaces the rule scorer
+  scorer: str = ""  # 'rules' | 'judge' (model judge) | 'command'; '': 'command' if scorer_command else 'rules'
+  scorer_command: str = ""  # an external grader (JSON lines in/out)
+  judge: str = "base"  # the model judge's params: 'base' (frozen) or 'current' (self-judgement, updated per cycle)
+  judge_template: str = ""  # judgement prompt with {prompt} {response} {kind}; '' : scorer.DEFAULT_JUDGE
   # Dream settings.
   temperatures: tuple[float, ...] = (0.1, 0.8)
   samples_per_temperature: int = 2
-  max_new_tokens: int = 32
+  max_new_tokens: int = 96  # the shipped targets are up to 89 tokens of the built-in tokenizer
   top_p: float = 1.0
   gen_batch_size: int = 16
-  max_prompt_tokens: int = 256
+  max_prompt_tokens: int = 1024  # the shipped scenarios are 530–1004 tokens
   min_margin: float = 1.0
   min_kind_share: float = 0.25
   walk_length: int = 4
   n_walks: int = 2
   min_distance: int = 3
+  # Two-stage memory: the fast stage reloads the memory file every cycle (new experiences enter at
+  # once; templates' {recalled} gets the recall_k most relevant memories); the slow stage replays
+  # memories by the consolidation schedule (dreamjax.dream.consolidate).
+  recall_k: int = 3
+  replay_cycles: int = 3  # cycles a new memory is favoured as a walk seed; 0: uniform seeds
+  replay_decay: float = 0.5  # per-cycle decay of a fresh memory's seed weight
+  fresh_share: float = 0.75  # share of walk seeds on fresh memories; the rest replays older ones
+  eval_scenarios: int = 8  # held-out scenarios (node sets never dreamt) scored by the monitor; 0: none
   # Training (see launch/train.py for the meaning of each).
   general_data: tuple[str, ...] = ()  # general replay JSONL; empty: the built-in general text
   general_ratio: float = 0.25
@@ -109,8 +121,8 @@ class CycleConfig:
   lr: Optional[float] = None  # None: 1e-5 for a model folder, train.loop.PRESET_LR for a preset
   batch_size: int = 8
   steps_per_cycle: int = 0  # 0: one pass over the cycle's triplets; N: at most N steps
-  max_context_len: int = 256
-  max_response_len: int = 48
+  max_context_len: int = 1024
+  max_response_len: int = 96
   mesh: str = "-1,1"
   keep: int = 5
   eval_examples: int = 8  # general examples held out for the monitors
@@ -125,7 +137,8 @@ class CycleConfig:
 
 
 # Settings that must match on resume: they shape the state, the scenarios or the batches.
-RESUME_KEYS = ("model_config", "seed", "scenarios", "memories", "templates", "rules", "scorer_command",
+RESUME_KEYS = ("model_config", "seed", "scenarios", "memories", "templates", "rules", "scorer", "scorer_command",
+               "judge", "judge_template", "recall_k", "replay_cycles", "replay_decay", "fresh_share", "eval_scenarios",
                "temperatures", "samples_per_temperature", "max_new_tokens", "max_prompt_tokens", "min_margin",
                "walk_length", "n_walks", "min_distance", "general_data", "general_ratio", "objective",
                "gradient_mode", "optimizer", "rank", "batch_size", "max_context_len", "max_response_len",
@@ -148,7 +161,7 @@ def validate(cfg: CycleConfig) -> None:
                "max_prompt_tokens", "n_walks", "eval_examples"):
     if getattr(cfg, name) < 1:
       raise RunError(f"--{name}: must be >= 1, got {getattr(cfg, name)}")
-  for name in ("steps_per_cycle", "walk_length", "min_distance"):
+  for name in ("steps_per_cycle", "walk_length", "min_distance", "recall_k", "replay_cycles", "eval_scenarios"):
     if getattr(cfg, name) < 0:
       raise RunError(f"--{name}: must be >= 0, got {getattr(cfg, name)}")
   if not cfg.temperatures or any(t < 0 for t in cfg.temperatures):
@@ -159,6 +172,23 @@ def validate(cfg: CycleConfig) -> None:
     raise RunError(f"--top_p: must be in (0, 1], got {cfg.top_p}")
   if not 0.0 <= cfg.min_kind_share <= 1.0:
     raise RunError(f"--min_kind_share: must be in [0, 1], got {cfg.min_kind_share}")
+  if not 0.0 < cfg.replay_decay <= 1.0:
+    raise RunError(f"--replay_decay: must be in (0, 1], got {cfg.replay_decay}")
+  if not 0.0 <= cfg.fresh_share <= 1.0:
+    raise RunError(f"--fresh_share: must be in [0, 1], got {cfg.fresh_share}")
+  if scorer_kind(cfg) not in SCORERS:
+    raise RunError(f"--scorer: {cfg.scorer!r}; expected one of {', '.join(SCORERS)}")
+  if scorer_kind(cfg) == "command" and not cfg.scorer_command:
+    raise RunError("--scorer command needs --scorer_command")
+  if cfg.scorer_command and scorer_kind(cfg) != "command":
+    raise RunError(f"--scorer_command is set but --scorer is {cfg.scorer!r}; use --scorer command (or leave it empty)")
+  if cfg.judge not in ("base", "current"):
+    raise RunError(f"--judge: {cfg.judge!r}; expected 'base' or 'current'")
+  if cfg.judge_template:
+    try:
+      cfg.judge_template.format(prompt="", response="", kind="")
+    except (KeyError, IndexError, ValueError) as e:
+      raise RunError(f"--judge_template: only {{prompt}}, {{response}} and {{kind}} may appear ({e!r})") from None
   for name in ("memories", "templates", "rules"):
     path = getattr(cfg, name)
     if path and not os.path.isfile(path):
@@ -172,17 +202,79 @@ def validate(cfg: CycleConfig) -> None:
 # Inputs.
 
 
+SCORERS = ("rules", "judge", "command")
+
+
+def scorer_kind(cfg: CycleConfig) -> str:
+  return cfg.scorer or ("command" if cfg.scorer_command else "rules")
+
+
+def load_graph(cfg: CycleConfig) -> memory_lib.MemoryGraph:
+  """Returns the memory graph as the file holds it now (re-read every cycle: the fast stage)."""
+  return memory_lib.load_graph(cfg.memories or _asset("memories.jsonl"))
+
+
 def load_dream_inputs(cfg: CycleConfig):
-  """Returns (graph, templates, scorer); bad files raise DataError naming file, line and field."""
-  graph = memory_lib.load_graph(cfg.memories or _asset("memories.jsonl"))
+  """Returns (graph, templates, scorer); bad files raise DataError naming file, line and field.
+
+  The model judge's scorer is None here: it needs the model (see `run`)."""
+  graph = load_graph(cfg)
   templates = scenario_lib.read_templates(cfg.templates or _asset("templates_with_targets.jsonl"))
   if not templates:
     raise RunError(f"--templates: {cfg.templates or 'the shipped templates'} holds no template")
-  if cfg.scorer_command:
+  kind = scorer_kind(cfg)
+  scorer = None
+  if kind == "command":
     scorer = scorer_lib.CommandScorer(cfg.scorer_command)
-  else:
+  elif kind == "rules":
     scorer = scorer_lib.RuleScorer.from_file(cfg.rules or _asset("rules.jsonl"))
   return graph, templates, scorer
+
+
+EVAL_SCENARIOS = "eval_scenarios.jsonl"
+
+
+def held_out_scenarios(graph, templates, cfg: CycleConfig) -> tuple[list, set]:
+  """Returns (preference examples, node sets): cfg.eval_scenarios held-out scenarios for the monitor.
+
+  Drawn with their own seed at the run's first start and kept in RUN/eval_scenarios.jsonl (a
+  resumed run reads them back, so the monitor's figures stay comparable even if the memory file
+  grew); their node sets are excluded from every dream round. Each pairs its template's target
+  (chosen) with the target of another kind's template (rejected): does the model prefer the right
+  behaviour for the situation? Needs targets for at least two kinds; otherwise none.
+  """
+  path = os.path.join(cfg.run_dir, EVAL_SCENARIOS)
+  if os.path.exists(path):
+    prefs, node_sets = [], set()
+    for where, obj in memory_lib.read_objects(path):
+      prefs.append(jsonl.parse_preference(obj, where))
+      node_sets.add(frozenset(obj.get("node_ids", ())))
+    return prefs, node_sets
+  with_targets = [t for t in templates if t.target is not None]
+  kinds = list(dict.fromkeys(t.kind for t in with_targets))
+  if cfg.eval_scenarios == 0 or len(kinds) < 2:
+    return [], set()
+  walker = walk_lib.Walker(graph, walk_lib.WalkConfig(length=cfg.walk_length, n_walks=cfg.n_walks,
+                                                      min_distance=cfg.min_distance),
+                           np.random.default_rng([cfg.seed, 11]))
+  try:
+    scenarios, _ = dream_lib.plan_scenarios(walker, with_targets, cfg.eval_scenarios, recall_k=cfg.recall_k)
+  except ValueError as e:
+    raise RunError(f"--eval_scenarios: {e}") from None
+  other_target = {k: next(t.target for t in with_targets if t.kind != k) for k in kinds}
+  out = []
+  for sc in scenarios:
+    chat = isinstance(sc.prompt, list)
+    turns = (lambda t: [{"role": "assistant", "content": t}]) if chat else (lambda t: t)
+    out.append({"prompt": sc.prompt, "chosen": turns(sc.target), "rejected": turns(other_target[sc.kind]),
+                "id": sc.id, "kind": sc.kind, "node_ids": list(sc.node_ids)})
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    for r in out:
+      f.write(json.dumps(r, ensure_ascii=False) + "\n")
+  os.replace(tmp, path)
+  return ([jsonl.parse_preference(r, f"{path}:{i}") for i, r in enumerate(out, 1)],
+          {frozenset(r["node_ids"]) for r in out})
 
 
 def load_general(cfg: CycleConfig, tokenizer):
@@ -274,6 +366,20 @@ def _append_line(path: str, obj: dict) -> None:
     f.write(json.dumps(obj, default=float) + "\n")
 
 
+def _margin(figures: dict) -> Optional[float]:
+  """Returns logps/chosen − logps/rejected on the held-out scenarios (None without them)."""
+  if "logps/chosen" not in figures:
+    return None
+  return figures["logps/chosen"] - figures["logps/rejected"]
+
+
+def chat_format_for(tokenizer):
+  """Returns how chat prompts become text: the tokenizer's chat template, else ChatML."""
+  if tokenizer.chat_template:
+    return lambda msgs: tokenizer.render_chat(list(msgs), add_generation_prompt=True, where="dream prompt")
+  return scenario_lib.render_chatml
+
+
 def _host(x) -> float:
   return float(np.asarray(jax.device_get(x)))
 
@@ -291,6 +397,7 @@ def run(cfg: CycleConfig, on_cycle: Optional[Callable[[dict], None]] = None) -> 
   train_loop.check_vocab(config, tokenizer)
   lr = cfg.lr if cfg.lr is not None else (train_loop.PRESET_LR if is_preset else 1e-5)
   general, eval_general = load_general(cfg, tokenizer)
+  eval_prefs, held_out_node_sets = held_out_scenarios(graph, templates, cfg)
   c_len, r_len = cfg.max_context_len, cfg.max_response_len  # fixed: one compilation for every cycle
   pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
   max_steps = cfg.cycles * (cfg.steps_per_cycle or -(-cfg.scenarios // max(1, cfg.batch_size - int(
@@ -352,15 +459,23 @@ def run(cfg: CycleConfig, on_cycle: Optional[Callable[[dict], None]] = None) -> 
 
   collate = lambda exs: batch_lib.collate(exs, c_len, r_len, pad_id=pad_id)
   eval_b = [collate(eval_general[i:i + cfg.batch_size]) for i in range(0, len(eval_general), cfg.batch_size)]
-  monitor = mon.Monitor(base_params, config, eval_b) if start_cycle < cfg.cycles else None
+  eval_p = [tok_lib.encode_preference(e, tokenizer, c_len, r_len, "truncate") for e in eval_prefs]
+  eval_pb = [collate(eval_p[i:i + cfg.batch_size]) for i in range(0, len(eval_p), cfg.batch_size)]
+  monitor = mon.Monitor(base_params, config, eval_b, eval_pb) if start_cycle < cfg.cycles else None
+  if scorer is None:  # the model judge
+    scorer = scorer_lib.ModelJudgeScorer(base_params if cfg.judge == "base" else state.params, config, tokenizer,
+                                         template=cfg.judge_template or scorer_lib.DEFAULT_JUDGE,
+                                         chat_format=chat_format_for(tokenizer), max_context=cfg.max_context_len)
+  ledger = consolidate_lib.Ledger(os.path.join(cfg.run_dir, "memory_ledger.json"))
+  consolidation = consolidate_lib.ConsolidationSchedule(cfg.replay_cycles, cfg.replay_decay, cfg.fresh_share)
   ref = base_params if cfg.objective in ("dpo", "dpop") else None
   dream_cfg = dream_lib.DreamConfig(
       walk=walk_lib.WalkConfig(length=cfg.walk_length, n_walks=cfg.n_walks, min_distance=cfg.min_distance),
       temperatures=tuple(cfg.temperatures), samples_per_temperature=cfg.samples_per_temperature,
       max_new_tokens=cfg.max_new_tokens, top_p=cfg.top_p, batch_size=cfg.gen_batch_size,
-      max_prompt_tokens=cfg.max_prompt_tokens, min_margin=cfg.min_margin, min_kind_share=cfg.min_kind_share)
-  chat_format = ((lambda msgs: tokenizer.render_chat(list(msgs), add_generation_prompt=True, where="dream prompt"))
-                 if tokenizer.chat_template else scenario_lib.render_chatml)
+      max_prompt_tokens=cfg.max_prompt_tokens, min_margin=cfg.min_margin, min_kind_share=cfg.min_kind_share,
+      recall_k=cfg.recall_k)
+  chat_format = chat_format_for(tokenizer)
   triplets_path = os.path.join(cfg.run_dir, TRIPLETS)
   cycles_path = os.path.join(cfg.run_dir, "cycles.jsonl")
 
@@ -372,9 +487,15 @@ def run(cfg: CycleConfig, on_cycle: Optional[Callable[[dict], None]] = None) -> 
       t0 = time.time()
       seed_k = cfg.seed + k
       model_step = int(state.step)
+      graph = load_graph(cfg) if k > start_cycle else graph  # the fast stage: the file as it is now
+      ages = ledger.observe(graph, k)
+      seed_p = consolidation.seed_weights(ages)
+      if isinstance(scorer, scorer_lib.ModelJudgeScorer) and cfg.judge == "current":
+        scorer.params = state.params
       dstats = dream_lib.dream_round(state.params, config, tokenizer, graph, templates, scorer,
                                      n_scenarios=cfg.scenarios, seed=seed_k, out_path=triplets_path,
-                                     model_step=model_step, dream=dream_cfg, chat_format=chat_format)
+                                     model_step=model_step, dream=dream_cfg, chat_format=chat_format,
+                                     seed_weights=seed_p, exclude_node_sets=held_out_node_sets)
       t_dream = time.time() - t0
       stats = tok_lib.TokenStats()
       prefs = [tok_lib.encode_preference(e, tokenizer, c_len, r_len, "truncate", stats)
@@ -415,6 +536,7 @@ def run(cfg: CycleConfig, on_cycle: Optional[Callable[[dict], None]] = None) -> 
           "loss_last": losses[-1] if losses else None,
           "dream": {key: v for key, v in dstats.as_dict().items() if key != "out_path"},
           "monitor": {key: v for key, v in figures.items() if "/layer_" not in key},
+          "consolidation": dict(consolidate_lib.summary(ages, consolidation, seed_p), memories=len(graph)),
           "guard": {"action": decision.action, "passed": decision.passed, "reasons": list(decision.reasons)},
           "tokenization": stats.as_dict(), "seconds": {"dream": round(t_dream, 2),
                                                        "total": round(time.time() - t0, 2)},
@@ -450,6 +572,7 @@ def run(cfg: CycleConfig, on_cycle: Optional[Callable[[dict], None]] = None) -> 
                      "kept_per_kind": r["dream"]["kept_per_kind"], "skipped_existing": r["dream"]["skipped_existing"],
                      "steps": r["steps"], "model_step": r["model_step"], "loss_first": r["loss_first"],
                      "loss_last": r["loss_last"], "perplexity_ratio": r["monitor"].get("perplexity/ratio"),
+                     "held_out_margin": _margin(r["monitor"]), "consolidation": r["consolidation"],
                      "coverage": r["dream"]["coverage"].get("node_fraction"), "seconds": r["seconds"]}
                     for r in records],
       "last_monitor": {key: v for key, v in figures.items() if "/layer_" not in key},

@@ -23,13 +23,14 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import numpy as np
 
 from dreamjax.data.jsonl import DataError, parse_preference
 from dreamjax.dream.memory import MemoryGraph
+from dreamjax.dream.recall import Recall
 from dreamjax.dream.scenario import Message, Scenario, Template, encode, prompt_text, render, render_chatml
 from dreamjax.dream.scorer import Score, score_all
 from dreamjax.dream.walk import NoNewWalk, WalkConfig, Walker, coverage
@@ -53,6 +54,7 @@ class DreamConfig:
   min_margin: float = 1.0  # keep a pair when score(chosen) - score(rejected) >= this
   kind_shares: Optional[Mapping[str, float]] = None  # target share of scenarios per kind; default equal
   min_kind_share: float = 0.25  # warn when a kind's share of the kept pairs falls below this
+  recall_k: int = 3  # memories retrieved into a template's {recalled} placeholder
 
   def __post_init__(self):
     if not self.temperatures or any(t < 0 for t in self.temperatures):
@@ -347,7 +349,7 @@ class DreamStats:
 
 
 def plan_scenarios(walker: Walker, templates: Sequence[Template], n_scenarios: int,
-                   kind_shares: Optional[Mapping[str, float]] = None) -> tuple[list[Scenario], bool]:
+                   kind_shares: Optional[Mapping[str, float]] = None, recall_k: int = 3) -> tuple[list[Scenario], bool]:
   """Returns (scenarios, exhausted): n_scenarios drawn with kinds balanced to their target shares."""
   kinds = list(dict.fromkeys(t.kind for t in templates))
   for t in templates:
@@ -366,6 +368,7 @@ def plan_scenarios(walker: Walker, templates: Sequence[Template], n_scenarios: i
     shares = [kind_shares.get(k, 0.0) / total for k in kinds]
   by_kind = {k: [t for t in templates if t.kind == k] for k in kinds}
   counts: collections.Counter = collections.Counter()
+  recall = Recall(walker.graph) if any(t.uses_recall for t in templates) else None
   out = []
   for _ in range(n_scenarios):
     kind = next_kind(kinds, shares, counts)
@@ -375,7 +378,7 @@ def plan_scenarios(walker: Walker, templates: Sequence[Template], n_scenarios: i
     except NoNewWalk as e:
       log.warning(f"dream: stopped after {len(out)} of {n_scenarios} scenarios: {e}")
       return out, True
-    out.append(render(template, walker.graph, collision))
+    out.append(render(template, walker.graph, collision, recall=recall, recall_k=recall_k))
     counts[kind] += 1
   return out, False
 
@@ -396,6 +399,7 @@ def dream_round(
     chat_format: Callable[[Sequence[Message]], str] = render_chatml,
     stop_tokens: Optional[Sequence[int]] = None,
     seed_weights: Optional[np.ndarray] = None,
+    exclude_node_sets: Iterable[frozenset] = (),
 ) -> DreamStats:
   """Dreams n_scenarios scenarios and appends the kept pairs to out_path; returns the round's stats.
 
@@ -411,6 +415,7 @@ def dream_round(
     chat_format: renders a chat prompt to text for the model (default ChatML).
     stop_tokens: default: config.eos_token_ids.
     seed_weights: per-memory weights for walk seeds (a consolidation schedule's hook).
+    exclude_node_sets: node sets (frozensets of memory ids) never to dream on, e.g. held-out scenarios'.
   """
   start = time.time()
   if not templates:
@@ -419,8 +424,10 @@ def dream_round(
   with TripletWriter(out_path) as writer:
     stats.torn_bytes = writer.torn
     seen = {ns for ns, s in writer.node_sets.items() if s != seed}  # other rounds' node sets
+    seen |= set(exclude_node_sets)
     walker = Walker(graph, dream.walk, np.random.default_rng(seed), seen=seen, seed_weights=seed_weights)
-    scenarios, stats.exhausted = plan_scenarios(walker, templates, n_scenarios, dream.kind_shares)
+    scenarios, stats.exhausted = plan_scenarios(walker, templates, n_scenarios, dream.kind_shares,
+                                                  dream.recall_k)
     stats.scenarios = len(scenarios)
     stats.scenarios_per_kind = dict(collections.Counter(s.kind for s in scenarios))
     stats.coverage = walker.coverage().as_dict()

@@ -11,7 +11,8 @@ A templates file is JSONL, one template per line:
 Placeholders (Python str.format; write literal braces as {{ }}):
 - in `prompt`, `messages[i].content` and `target`: {memories} (every memory of the scenario, one
   per line, in visit order), {walk_1}, {walk_2}, ... (the memories of one walk), {tags} (the
-  scenario's tags, sorted, comma-separated);
+  scenario's tags, sorted, comma-separated), {recalled} (the memories outside the scenario most
+  relevant to it, retrieved as a deployed model's context would be: `dreamjax.dream.recall`);
 - in `memory_format` (how one memory is written; default "- {text}"): {text}, {id}, {tags}, {source}.
 
 `kind` labels what the scenario exercises (e.g. "accept" clear direction vs "push_back" on wrong
@@ -38,7 +39,7 @@ Turns = Union[str, list[Message]]
 FORMATS = ("plain", "chat")
 ROLES = ("system", "user", "assistant")
 _FIELDS = ("id", "kind", "format", "prompt", "messages", "target", "memory_format")
-_SLOT = re.compile(r"^(memories|tags|walk_[1-9][0-9]*)$")
+_SLOT = re.compile(r"^(memories|recalled|tags|walk_[1-9][0-9]*)$")
 _MEMORY_SLOTS = ("text", "id", "tags", "source")
 
 
@@ -55,6 +56,7 @@ class Template:
   memory_format: str = "- {text}"  # how one memory is written in {memories} and {walk_k}
   source: str = ""  # "file:line"
   walks_needed: int = 1  # the largest k of a {walk_k} placeholder (at least 1)
+  uses_recall: bool = False  # a field has {recalled}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +137,8 @@ def parse_template(obj: Any, where: str) -> Template:
     raise DataError(f"{where}: field 'memory_format' must be a string")
   _slots(memory_format, where, "memory_format", lambda name: name in _MEMORY_SLOTS)
   walks_needed = max([1] + [int(n[5:]) for n in names if n.startswith("walk_")])
-  return Template(obj["id"], obj["kind"], fmt, prompt, messages, target, memory_format, where, walks_needed)
+  return Template(obj["id"], obj["kind"], fmt, prompt, messages, target, memory_format, where, walks_needed,
+                  "recalled" in names)
 
 
 def read_templates(path: str) -> list[Template]:
@@ -158,8 +161,13 @@ def scenario_id(template_id: str, kind: str, node_ids: Sequence[str]) -> str:
   return hashlib.sha1(blob).hexdigest()[:16]
 
 
-def render(template: Template, graph: MemoryGraph, collision: Collision) -> Scenario:
-  """Returns the scenario that `template` makes of the walks in `collision`."""
+def render(template: Template, graph: MemoryGraph, collision: Collision, recall=None, recall_k: int = 3) -> Scenario:
+  """Returns the scenario that `template` makes of the walks in `collision`.
+
+  recall: a `dreamjax.dream.recall.Recall` over `graph` for the {recalled} placeholder: the
+    recall_k memories outside the scenario most relevant to its memories' text (the fast stage,
+    what a deployed model would have retrieved into its context). Built on demand if None.
+  """
 
   def block(nodes):
     lines = []
@@ -172,6 +180,13 @@ def render(template: Template, graph: MemoryGraph, collision: Collision) -> Scen
   slots = {"memories": block(nodes), "tags": ", ".join(sorted({t for i in nodes for t in graph.memories[i].tags}))}
   for k, walk in enumerate(collision.walks, start=1):
     slots[f"walk_{k}"] = block(dict.fromkeys(walk.path))
+  if template.uses_recall:
+    if recall is None:
+      from dreamjax.dream.recall import Recall  # pylint: disable=import-outside-toplevel  (recall imports this module)
+      recall = Recall(graph)
+    query = "\n".join(graph.memories[i].text for i in nodes)
+    hits = recall.top(query, recall_k, exclude=graph.ids(nodes))
+    slots["recalled"] = block(graph.index(m.id) for m, _ in hits)
 
   def fill(text, field):
     try:
