@@ -4,7 +4,8 @@ Each seed's cached base model (`sims.world.pretrain`, Qwen3-style) is fine-tuned
 project's ORPO objective, full-backprop step and APOLLO optimizer on the new behaviour (accept a
 clear direction, push back on a wrong one), in four matched arms: lr low/high × data narrow
 (one actor, one situation, two slot values: a few distinct episodes) / diverse (every actor,
-situation and value, plus 25% replay of the general skills as SFT examples).
+situation and value, plus 25% replay of the general skills as SFT examples), and a fifth arm,
+narrow data at a destructive lr, the positive control (see the amendment).
 
 Metrics, per seed:
   forgetting_k = 100 · (acc_k(base) − acc_k(final)) for skill k ∈ (qa, arith, fact), the
@@ -21,12 +22,12 @@ from sims import harness
 from sims import world as W
 
 # Per-step relative update targets; world.real_lr_equivalent maps them to a 7B model's lr.
-TARGETS = {"low": 5e-4, "high": 5e-3}
-STEPS, QUICK_STEPS, BATCH = 120, 60, 32
+TARGETS = {"low": 5e-4, "high": 5e-3, "destructive": 2e-2}
 REPLAY = 0.25
 SMOKE = None  # tests set e.g. {'steps': 3, 'pretrain_steps': 5, 'eval_n': 16}
 
-ARMS = {f"{lr}_{data}": (lr, data) for lr in TARGETS for data in ("narrow", "diverse")}
+ARMS = {f"{lr}_{data}": (lr, data) for lr in ("low", "high") for data in ("narrow", "diverse")}
+ARMS["destructive_narrow"] = ("destructive", "narrow")
 
 
 def pools(world: W.World, seed: int = 7):
@@ -44,7 +45,7 @@ def pools(world: W.World, seed: int = 7):
 
 def run(seeds: int, quick: bool, key):
   smoke = SMOKE or {}
-  steps = smoke.get("steps", QUICK_STEPS if quick else STEPS)
+  steps = smoke.get("steps", W.QUICK_FINETUNE_STEPS if quick else W.FINETUNE_STEPS)
   pc = W.PretrainConfig(steps=smoke.get("pretrain_steps", W.PretrainConfig.steps))
   config = W.model_config("qwen3")
   world = W.World.make(pc.world_seed)
@@ -52,21 +53,19 @@ def run(seeds: int, quick: bool, key):
   sets = W.eval_sets(world, n=smoke.get("eval_n", 256))
   acc_base = W.accuracies(base_S, sets, config)
   data = pools(world)
-  seed0 = jax.tree.map(lambda x: x[0], base_S)
-  lrs = {name: W.calibrate_lr(config, seed0, W.apollo_optimizer, data["diverse"], t)
-         for name, t in TARGETS.items()}
+  lrs = {name: W.lr_for("qwen3", t, base_S, pc=pc) for name, t in TARGETS.items()}
   keys_S = harness.seed_keys(key, seeds)
   out, achieved = {}, {}
   for arm, (lr_name, kind) in ARMS.items():
-    params_S, _ = W.finetune_seeds(config, base_S, keys_S, data[kind], lr=lrs[lr_name]["lr"],
-                                   steps=steps, batch_size=BATCH)
+    params_S, _ = W.finetune("qwen3", base_S, keys_S, data[kind], lr=lrs[lr_name]["lr"], quick=quick,
+                             steps=steps)
     acc = W.accuracies(params_S, sets, config)
     forgetting_SxK = np.stack([np.asarray(acc_base[k] - acc[k]) for k in W.SKILLS], axis=1)
     rel = jax.vmap(W.relative_update)(params_S, base_S)
     achieved[arm] = float(np.mean(np.asarray(rel)) / steps)  # net drift ÷ steps
     out[arm] = {"forgetting": forgetting_SxK, "behaviour": np.asarray(acc["behaviour"]),
                 "base_skill_acc": np.stack([np.asarray(acc_base[k]) for k in W.SKILLS], axis=1)}
-  config_out = {"steps": steps, "batch_size": BATCH, "replay_fraction": REPLAY, "objective": "orpo",
+  config_out = {"steps": steps, "batch_size": W.BATCH, "replay_fraction": REPLAY, "objective": "orpo",
                 "gradient_mode": "full", "optimizer": "dreamjax.optim.apollo(rank=8)",
                 "lr_calibration": lrs, "net_drift_per_step": achieved, "base": base_info,
                 "model": str(config), "seeds_vmapped": True}
@@ -89,8 +88,9 @@ SIMULATION = harness.Simulation(
           "5e-3 ≈ 1e-4 on a 7B model).",
     arms={"low_narrow": "update size 5e-4/step, narrow behaviour data",
           "low_diverse": "update size 5e-4/step, diverse behaviour data + 25% replay",
-          "high_narrow": "update size 5e-3/step, narrow data (positive control: should forget)",
-          "high_diverse": "update size 5e-3/step, diverse data + 25% replay (the prediction)"},
+          "high_narrow": "update size 5e-3/step, narrow data (the issue's positive control; now an effect)",
+          "high_diverse": "update size 5e-3/step, diverse data + 25% replay (the prediction)",
+          "destructive_narrow": "update size 2e-2/step, narrow data (positive control: must forget)"},
     criteria=[
         harness.Criterion(arm="high_diverse", metric="forgetting", statistic="iqm", threshold=2.0,
                           direction="less",
@@ -100,13 +100,20 @@ SIMULATION = harness.Simulation(
                           description="high-lr diverse learns the new behaviour: accuracy ≥ 90%"),
     ],
     controls=[
-        harness.Control(kind="positive", arm="high_narrow", metric="forgetting", statistic="iqm",
+        harness.Control(kind="positive", arm="destructive_narrow", metric="forgetting", statistic="iqm",
                         threshold=5.0, direction="greater",
-                        description="high-lr narrow data forget more than 5 pp"),
+                        description="destructive-lr narrow data forget more than 5 pp"),
     ],
+    amendment="Before the first full run: the issue's positive control (high-lr narrow forgets > 5 pp) "
+              "failed in development runs (forgetting well under 5 pp at update 5e-3/step, also with a "
+              "one-cue narrow set), so it could not show that the forgetting metric detects forgetting. "
+              "The control moves to a new arm, narrow data at update 2e-2/step, a "
+              "manipulation that forgets in development runs; high-lr narrow stays, reported as an effect. "
+              "The prediction's criteria are unchanged.",
     effects=[
         harness.Effect(arm="high_narrow", metric="forgetting", statistic="iqm_diff",
                        baseline="high_diverse"),
+        harness.Effect(arm="high_narrow", metric="forgetting", statistic="iqm"),
         harness.Effect(arm="low_diverse", metric="forgetting", statistic="iqm"),
         harness.Effect(arm="low_diverse", metric="behaviour", statistic="iqm"),
         harness.Effect(arm="low_narrow", metric="behaviour", statistic="iqm"),

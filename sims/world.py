@@ -242,6 +242,22 @@ def linear_cka(x_BxD, y_BxE):
   return xy / (jnp.sqrt(jnp.sum((x.T @ x) ** 2)) * jnp.sqrt(jnp.sum((y.T @ y) ** 2)) + 1e-12)
 
 
+def linear_probe_accuracy(x_BxD, labels_B, n_classes: int, ridge: float = 1e-2):
+  """Returns the held-out accuracy (%) of a ridge-regression linear probe on features.
+
+  The first half of the rows fits W = (XᵀX + λI)⁻¹ Xᵀ Y (X centred and with a bias column, Y one-hot),
+  the second half is classified by argmax(X W): is the label linearly decodable from x?
+  """
+  n = x_BxD.shape[0] // 2
+  mu = x_BxD[:n].mean(0)
+  x = jnp.concatenate([x_BxD - mu, jnp.ones((x_BxD.shape[0], 1), x_BxD.dtype)], axis=1)
+  y = jax.nn.one_hot(labels_B, n_classes, dtype=x.dtype)
+  xt, yt = x[:n], y[:n]
+  w = jnp.linalg.solve(xt.T @ xt + ridge * n * jnp.eye(x.shape[1], dtype=x.dtype), xt.T @ yt)
+  pred = jnp.argmax(x[n:] @ w, axis=-1)
+  return jnp.mean((pred == labels_B[n:]).astype(jnp.float32)) * 100.0
+
+
 # ---------------------------------------------------------------------------------------------
 # Models, training, and the base-model cache.
 
@@ -420,3 +436,49 @@ def _finetune_fn(config, steps, batch_size, gradient_mode, objective, nll_on_pro
     return train(config, params, apollo_optimizer(lr), pool, key, steps=steps, batch_size=batch_size,
                  objective=objective, gradient_mode=gradient_mode, nll_on_prompt=nll_on_prompt)
   return jax.jit(jax.vmap(one, in_axes=(0, 0, None, None)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared settings, so that simulations in one process share compiled functions and calibrations.
+
+# Fine-tuning steps and batch of the standard arm: `finetune_seeds` compiles once per
+# (config, steps, batch, mode, objective), so simulations that use these share one compilation.
+FINETUNE_STEPS, QUICK_FINETUNE_STEPS, BATCH = 120, 60, 32
+OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
+    "apollo": lambda lr: apollo_optimizer(lr),
+    "apollo_mini": lambda lr: optim.apollo_mini(lr),
+    "adamw": lambda lr: optax.adamw(lr, weight_decay=0.0),
+    "sgd": lambda lr: optax.sgd(lr),
+}
+_PROBES: dict = {}
+
+
+def reference_pool(world: World) -> PreferenceBatch:
+  """Returns the calibration pool: 1024 diverse behaviour preference pairs (fixed seed)."""
+  return collate(examples("behaviour", 1024, np.random.default_rng(2024), world, preference=True))
+
+
+def lr_for(family: str, target: float, base_S, *, optimizer: str = "apollo", objective: str = "orpo",
+           pc: PretrainConfig = PretrainConfig()) -> dict:
+  """Returns `calibrate_lr`'s record for a per-step ||Δθ||/||θ|| target, probing once per process.
+
+  The probe (seed 0's base, the reference pool) runs once per (family, optimizer, objective,
+  pretraining); later targets scale its lr linearly (Adam-type updates are ∝ lr; for SGD the
+  update is ∝ lr too).
+  """
+  key = (family, optimizer, objective, pc)
+  if key not in _PROBES:
+    config = model_config(family)
+    seed0 = jax.tree.map(lambda x: x[0], base_S)
+    _PROBES[key] = calibrate_lr(config, seed0, OPTIMIZERS[optimizer], reference_pool(World.make(pc.world_seed)),
+                                1.0, objective=objective, probe_lr=1e-1 if optimizer == "sgd" else 1e-3)
+  probe = _PROBES[key]
+  return {**probe, "target_rel_update": target, "lr": probe["lr"] * target,
+          "real_lr_equivalent": real_lr_equivalent(target), "optimizer": optimizer, "objective": objective}
+
+
+def finetune(family: str, base_S, keys_S, pool: PreferenceBatch, *, lr: float, quick: bool,
+             steps: Optional[int] = None, **kw):
+  """`finetune_seeds` with the shared step count and batch (see FINETUNE_STEPS)."""
+  steps = steps or (QUICK_FINETUNE_STEPS if quick else FINETUNE_STEPS)
+  return finetune_seeds(model_config(family), base_S, keys_S, pool, lr=lr, steps=steps, batch_size=BATCH, **kw)
