@@ -1,6 +1,6 @@
 """Runs the simulation suite and writes DIR/results.json, DIR/REPORT.md and DIR/<name>.png.
 
-    python -m sims [--quick] [--only NAME[,NAME]] [--seeds N] [--out DIR] [--seed S]
+    python -m sims [--quick | --smoke] [--only NAME[,NAME]] [--seeds N] [--out DIR] [--seed S]
     python -m sims --list
 
 Exits 1 if a simulation raised (its verdict is ERROR); a REFUTED prediction is a result, not a
@@ -12,6 +12,8 @@ from absl import app, flags
 from sims import harness
 
 _QUICK = flags.DEFINE_boolean("quick", False, "Quick path: fewer seeds and steps, same code.")
+_SMOKE = flags.DEFINE_boolean("smoke", False, "Smoke path (CI): every simulation end to end with a few steps and "
+                              "2 seeds; the verdicts mean nothing.")
 _ONLY = flags.DEFINE_list("only", None, "Comma-separated simulation names (default: all).")
 _SEEDS = flags.DEFINE_integer("seeds", None, "Seeds per simulation (default: each one's own).",
                               lower_bound=1)
@@ -33,8 +35,10 @@ def main(argv):
     names = harness.select(_ONLY.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
+  harness.enable_compilation_cache()
   results = harness.run_suite(names, out=_OUT.value, quick=_QUICK.value, seeds=_SEEDS.value,
-                              seed=_SEED.value, reps=_REPS.value, figures=_FIGURES.value)
+                              seed=_SEED.value, reps=_REPS.value, figures=_FIGURES.value,
+                              smoke=_SMOKE.value)
   figures = " and figures" if _FIGURES.value else ""
   print(f"wrote {_OUT.value}/REPORT.md, results.json{figures}")
   if any(r["verdict"] == harness.ERROR for r in results["simulations"]):

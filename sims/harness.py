@@ -50,6 +50,10 @@ from sims.stats import (ERROR, INCONCLUSIVE, REFUTED, SUPPORTED, Control, Criter
                         Effect)
 
 SCHEMA = 1
+# The smoke path (`python -m sims --smoke`, CI): every loop cut to a few steps; each simulation
+# module reads its module-level SMOKE dict (None outside the smoke path) with these keys.
+SMOKE_SETTINGS = {"steps": 2, "pretrain_steps": 2, "eval_n": 8}
+SMOKE_SEEDS = 2
 SIM_MODULE = re.compile(r"^(sim_[a-z0-9_]+|[a-z]\d+_[a-z0-9_]+)$")
 
 # run(seeds, quick, key) -> {arm: {metric: array [seeds, ...]}} or Outcome
@@ -139,9 +143,11 @@ def select(only: Optional[Sequence[str]] = None) -> list[str]:
   return list(dict.fromkeys(only))
 
 
-def load(name: str) -> Simulation:
-  """Imports `sims.<name>` and returns its SIMULATION."""
+def load(name: str, smoke: bool = False) -> Simulation:
+  """Imports `sims.<name>` and returns its SIMULATION; smoke=True sets the module's SMOKE settings."""
   module = importlib.import_module(f"sims.{name}")
+  if hasattr(module, "SMOKE"):
+    module.SMOKE = dict(SMOKE_SETTINGS) if smoke else None
   sim = getattr(module, "SIMULATION", None)
   if not isinstance(sim, Simulation):
     raise TypeError(f"sims/{name}.py must define SIMULATION = harness.Simulation(...)")
@@ -356,10 +362,25 @@ def run_simulation(sim: Simulation, *, seeds: int, quick: bool, key, bootstrap: 
   return record
 
 
+def enable_compilation_cache() -> Optional[str]:
+  """Turns on JAX's persistent compilation cache under the base-model cache folder (<cache>/xla),
+  unless one is configured already; compilation is most of a simulation's time, so a second run
+  of the suite on the same machine is much faster. Returns the folder in use."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from sims import world  # pylint: disable=import-outside-toplevel
+  if jax.config.jax_compilation_cache_dir:
+    return jax.config.jax_compilation_cache_dir
+  folder = os.path.abspath(os.path.join(world.cache_dir(), "xla"))
+  os.makedirs(folder, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", folder)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  return folder
+
+
 def run_suite(names: Optional[Sequence[str]] = None, *, out: str, quick: bool = False,
               seeds: Optional[int] = None, seed: int = 0, reps: int = 2000,
               confidence: float = 0.95, figures: bool = True,
-              progress: Optional[TextIO] = None) -> dict:
+              progress: Optional[TextIO] = None, smoke: bool = False) -> dict:
   """Runs simulations, writing DIR/results.json, DIR/REPORT.md and DIR/<name>.png; returns results.
 
   results.json is rewritten before each simulation (with its rules, already registered) and
@@ -374,13 +395,17 @@ def run_suite(names: Optional[Sequence[str]] = None, *, out: str, quick: bool = 
     reps, confidence: bootstrap replicates and interval size.
     figures: draw PNG figures (needs matplotlib; without it the report says so).
     progress: stream for the progress bar (stderr by default).
+    smoke: the smoke path: the quick path with SMOKE_SETTINGS (a few steps) and SMOKE_SEEDS seeds;
+      checks that every simulation runs end to end, its verdicts mean nothing.
   """
+  if smoke:
+    quick, seeds = True, seeds or SMOKE_SEEDS
   names = select(names)
   os.makedirs(out, exist_ok=True)
   bootstrap = {"reps": reps, "confidence": confidence, "seed": seed}
   results = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
              "command": list(sys.argv),
-             "config": {"quick": quick, "seeds": seeds, "only": list(names), "seed": seed,
+             "config": {"quick": quick, "smoke": smoke, "seeds": seeds, "only": list(names), "seed": seed,
                         "bootstrap": bootstrap, "figures": figures},
              **environment(), "timing": {}, "simulations": []}
   path = os.path.join(out, "results.json")
@@ -390,7 +415,7 @@ def run_suite(names: Optional[Sequence[str]] = None, *, out: str, quick: bool = 
     bar.start(name)
     t = time.perf_counter()
     try:
-      sim = load(name)
+      sim = load(name, smoke=smoke)
     except Exception:  # pylint: disable=broad-except
       record = {"name": name, "selfcheck": False, "error": traceback.format_exc(),
                 "verdict": ERROR, "timing": {}}

@@ -99,7 +99,7 @@ def render(results: dict, analyses: Optional[dict] = None) -> str:
       "# Simulation report", "",
       "Generated from `results.json` by `sims/report.py`; every number below comes from the run "
       "(regenerate with `python -m sims.report DIR`).", "",
-      f"- run: {results.get('created', '?')}, {'**quick** path (smoke test: few seeds and steps)' if cfg.get('quick') else 'full path'}, "
+      f"- run: {results.get('created', '?')}, {_path(cfg)}, "
       f"wall time {_seconds(results.get('timing', {}), 'total_s')}",
       f"- code: git `{commit}`; python {versions.get('python')}, jax {versions.get('jax')}, "
       f"numpy {versions.get('numpy')}, backend {versions.get('backend')}",
@@ -214,7 +214,7 @@ def _rules_table(a: dict, r: dict) -> list[str]:
                  f"{_ci(c)} | **{c['verdict']}** |")
   lines.append("")
   if r.get("amendment"):
-    lines += [f"_Criteria amendment (made before the first full run):_ {r['amendment']}", ""]
+    lines += [f"_Amendment (declared in code; its text says what changed, when and why):_ {r['amendment']}", ""]
   return lines
 
 
@@ -288,6 +288,12 @@ def _default_figure(Figure, name: str, data: dict, a: dict):
 
 # ---------------------------------------------------------------------------------------------
 # Writing.
+
+
+def _path(cfg: dict) -> str:
+  if cfg.get("smoke"):
+    return "**smoke** path (a few steps and 2 seeds: checks the code runs; the verdicts mean nothing)"
+  return "**quick** path (fewer seeds and steps)" if cfg.get("quick") else "full path"
 
 
 def write(out: str, figures: bool = False) -> str:

@@ -283,22 +283,29 @@ def sample_batch(pool: PreferenceBatch, key, batch_size: int) -> PreferenceBatch
 
 def train(config: ModelConfig, params, optimizer, pool: PreferenceBatch, key, *, steps: int,
           batch_size: int, objective: str = "sft", gradient_mode: str = "full",
-          objective_kwargs: Optional[dict] = None, nll_on_prompt: bool = False):
+          objective_kwargs: Optional[dict] = None, nll_on_prompt: bool = False,
+          return_rel_update: bool = False):
   """Returns (params, loss per step [steps]) after `steps` project train steps on pool draws.
 
   A `lax.scan` over `dreamjax.train.step.make_train_step`; step i's batch is drawn with
   fold_in(key, i), so the key fixes the data order. Pure and traceable: vmap it over seeds.
+  return_rel_update: also return each step's ||Δθ_t|| / ||θ_t|| [steps].
+  objective 'dpo' / 'dpop' use the starting params as the frozen reference model.
   """
   step_fn = make_train_step(config, objective, optimizer, gradient_mode, donate=False,
                             objective_kwargs=objective_kwargs, nll_on_prompt=nll_on_prompt)
   state = init_train_state(params, optimizer)
 
-  def body(state, i):
-    state, metrics = step_fn(state, sample_batch(pool, jax.random.fold_in(key, i), batch_size))
-    return state, metrics["loss"]
+  ref = params if objective in ("dpo", "dpop") else None  # the reference model: the starting point
 
-  state, loss = jax.lax.scan(body, state, jnp.arange(steps))
-  return state.params, loss
+  def body(state, i):
+    norm = optax.tree.norm(state.params)
+    batch = sample_batch(pool, jax.random.fold_in(key, i), batch_size)
+    state, metrics = step_fn(state, batch) if ref is None else step_fn(state, batch, ref)
+    return state, (metrics["loss"], metrics["update_norm"] / norm)
+
+  state, (loss, rel) = jax.lax.scan(body, state, jnp.arange(steps))
+  return (state.params, loss, rel) if return_rel_update else (state.params, loss)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -421,19 +428,23 @@ def relative_update(params_a, params_b):
 
 def finetune_seeds(config: ModelConfig, base_S, keys_S, pool: PreferenceBatch, *, lr: float,
                    steps: int, batch_size: int, gradient_mode: str = "full", objective: str = "orpo",
-                   nll_on_prompt: bool = False):
-  """Returns (params [S, ...], loss [S, steps]): APOLLO fine-tuning of every seed's base, vmapped.
+                   nll_on_prompt: bool = False, optimizer: str = "apollo", with_rel_update: bool = False):
+  """Returns (params [S, ...], loss [S, steps]): fine-tuning of every seed's base, vmapped.
 
-  The lr and the pool are traced arguments: arms that differ only in them share one compile.
+  optimizer: a key of OPTIMIZERS (default the project's APOLLO). The lr and the pool are traced
+  arguments: arms that differ only in them share one compile. with_rel_update: also return
+  each step's ||Δθ_t|| / ||θ_t||, [S, steps] (the same compiled function).
   """
-  fn = _finetune_fn(config, steps, batch_size, gradient_mode, objective, nll_on_prompt)
-  return fn(base_S, keys_S, pool, jnp.float32(lr))
+  fn = _finetune_fn(config, steps, batch_size, gradient_mode, objective, nll_on_prompt, optimizer)
+  params, loss, rel = fn(base_S, keys_S, pool, jnp.float32(lr))
+  return (params, loss, rel) if with_rel_update else (params, loss)
 
 
 @functools.lru_cache(maxsize=None)
-def _finetune_fn(config, steps, batch_size, gradient_mode, objective, nll_on_prompt):
+def _finetune_fn(config, steps, batch_size, gradient_mode, objective, nll_on_prompt, optimizer="apollo"):
   def one(params, key, pool, lr):
-    return train(config, params, apollo_optimizer(lr), pool, key, steps=steps, batch_size=batch_size,
+    return train(config, params, OPTIMIZERS[optimizer](lr), pool, key, steps=steps, batch_size=batch_size,
+                 return_rel_update=True,
                  objective=objective, gradient_mode=gradient_mode, nll_on_prompt=nll_on_prompt)
   return jax.jit(jax.vmap(one, in_axes=(0, 0, None, None)))
 
@@ -458,20 +469,30 @@ def reference_pool(world: World) -> PreferenceBatch:
   return collate(examples("behaviour", 1024, np.random.default_rng(2024), world, preference=True))
 
 
-def lr_for(family: str, target: float, base_S, *, optimizer: str = "apollo", objective: str = "orpo",
-           pc: PretrainConfig = PretrainConfig()) -> dict:
-  """Returns `calibrate_lr`'s record for a per-step ||Δθ||/||θ|| target, probing once per process.
+PROBE_STEPS = 8  # steps whose mean relative update calibrates the lr
 
-  The probe (seed 0's base, the reference pool) runs once per (family, optimizer, objective,
-  pretraining); later targets scale its lr linearly (Adam-type updates are ∝ lr; for SGD the
-  update is ∝ lr too).
+
+def lr_for(family: str, target: float, base_S, *, optimizer: str = "apollo", objective: str = "orpo",
+           pc: PretrainConfig = PretrainConfig(), quick: bool = False, steps: Optional[int] = None) -> dict:
+  """Returns the lr whose mean per-step ||Δθ||/||θ|| over the first PROBE_STEPS steps is `target`.
+
+  The probe runs the arms' own compiled fine-tuning (`finetune` with the same seeds, steps and
+  optimizer: no extra compilation) at a probe lr on the reference pool, once per (family,
+  optimizer, objective, pretraining, steps, seeds), and averages the first steps' relative update
+  over seeds; other targets scale its lr linearly (Adam-type and SGD updates are ∝ lr).
   """
-  key = (family, optimizer, objective, pc)
+  n_steps = steps or (QUICK_FINETUNE_STEPS if quick else FINETUNE_STEPS)
+  n_seeds = int(jax.tree.leaves(base_S)[0].shape[0])
+  key = (family, optimizer, objective, pc, n_steps, n_seeds)
   if key not in _PROBES:
-    config = model_config(family)
-    seed0 = jax.tree.map(lambda x: x[0], base_S)
-    _PROBES[key] = calibrate_lr(config, seed0, OPTIMIZERS[optimizer], reference_pool(World.make(pc.world_seed)),
-                                1.0, objective=objective, probe_lr=1e-1 if optimizer == "sgd" else 1e-3)
+    probe_lr = 1e-1 if optimizer == "sgd" else 1e-3
+    keys_S = jax.random.split(jax.random.PRNGKey(99), n_seeds)
+    _, _, rel_SxT = finetune_seeds(model_config(family), base_S, keys_S, reference_pool(World.make(pc.world_seed)),
+                                   lr=probe_lr, steps=n_steps, batch_size=BATCH, objective=objective,
+                                   optimizer=optimizer, with_rel_update=True)
+    measured = float(np.mean(np.asarray(rel_SxT)[:, :min(PROBE_STEPS, n_steps)]))
+    _PROBES[key] = {"probe_lr": probe_lr, "probe_rel_update": measured, "lr": probe_lr / measured,
+                    "probe_steps": min(PROBE_STEPS, n_steps), "probe_seeds": n_seeds}
   probe = _PROBES[key]
   return {**probe, "target_rel_update": target, "lr": probe["lr"] * target,
           "real_lr_equivalent": real_lr_equivalent(target), "optimizer": optimizer, "objective": objective}
