@@ -53,7 +53,7 @@ def run(seeds: int, quick: bool, key):
   sets = W.eval_sets(world, n=smoke.get("eval_n", 256))
   acc_base = W.accuracies(base_S, sets, config)
   data = pools(world)
-  lrs = {name: W.lr_for("qwen3", t, base_S, pc=pc) for name, t in TARGETS.items()}
+  lrs = {name: W.lr_for("qwen3", t, base_S, pc=pc, quick=quick, steps=steps) for name, t in TARGETS.items()}
   keys_S = harness.seed_keys(key, seeds)
   out, achieved = {}, {}
   for arm, (lr_name, kind) in ARMS.items():

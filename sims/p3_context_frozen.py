@@ -60,7 +60,7 @@ def run(seeds: int, quick: bool, key):
     config = W.model_config(family)
     base_S, base_info = W.pretrain(family, seeds, pc)
     acc_base = W.accuracies(base_S, sets, config)
-    lr = W.lr_for(family, TARGET, base_S, pc=pc)
+    lr = W.lr_for(family, TARGET, base_S, pc=pc, quick=quick, steps=steps)
     feats_base = jax.vmap(lambda p: W.context_features(p, sets["qa"], config=config))(base_S)
     labels = sets["qa"].chosen_BxR[:, 0] - W.VALUE0  # the value the QA context asks for
     probe = jax.vmap(lambda f: W.linear_probe_accuracy(f, labels, W.N_VALUES))
