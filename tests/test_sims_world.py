@@ -138,11 +138,31 @@ def test_lr_for_scales_one_probe_linearly(tmp_path, monkeypatch):
   assert float(np.mean(np.asarray(rel))) == pytest.approx(4e-3, rel=0.3)  # the calibrated lr hits its target
 
 
-# Every simulation end to end on the smoke path (a few steps, 2 seeds) in one process, so the
-# simulations share compiled train steps and calibrations; their verdicts mean nothing here.
-def test_every_simulation_runs_on_the_smoke_path(tmp_path, monkeypatch):
-  monkeypatch.setenv("DREAMJAX_SIMS_CACHE", str(tmp_path / "cache"))
+# Every simulation end to end on the smoke path (a few steps, 2 seeds); their verdicts mean nothing
+# here. Simulations that share compiled functions (the standard fine-tuning step, the same probes)
+# run in one process, in groups that pytest-xdist spreads over the workers; a simulation in no
+# group runs in the last one, so none is missed.
+SMOKE_GROUPS = {
+    "finetune": ["p1_lr_diversity", "p2_novel_situations", "p3_context_frozen", "p4_dreams", "p5_defence_stack",
+                 "x6_few_shot_break", "x7_sycophancy"],
+    "own_loops": ["s1_apollo_flatness", "s4_small_steps_monitor", "x10_health_diagnostics", "s5_two_stage",
+                  "p5_plasticity_rounds"],
+}
+
+
+def _smoke_names(group):
   names = [n for n in harness.available() if not n.startswith("sim_")]
+  if group != "rest":
+    return [n for n in SMOKE_GROUPS[group] if n in names]
+  grouped = {n for g in SMOKE_GROUPS.values() for n in g}
+  return [n for n in names if n not in grouped]
+
+
+@pytest.mark.parametrize("group", [*SMOKE_GROUPS, "rest"])
+def test_every_simulation_runs_on_the_smoke_path(group, tmp_path, monkeypatch):
+  monkeypatch.setenv("DREAMJAX_SIMS_CACHE", str(tmp_path / "cache"))
+  names = _smoke_names(group)
+  assert names, f"smoke group {group!r} is empty"
   out = str(tmp_path / "out")
   results = harness.run_suite(names, out=out, smoke=True, reps=200, figures=False, progress=io.StringIO())
   by_name = {r["name"]: r for r in results["simulations"]}
