@@ -122,7 +122,7 @@ class CycleConfig:
   batch_size: int = 8
   steps_per_cycle: int = 0  # 0: one pass over the cycle's triplets; N: at most N steps
   max_context_len: int = 1024
-  max_response_len: int = 96
+  max_response_len: int = 128  # a dreamt answer (max_new_tokens) plus the end-of-turn tokens
   mesh: str = "-1,1"
   keep: int = 5
   eval_examples: int = 8  # general examples held out for the monitors
