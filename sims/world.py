@@ -346,11 +346,17 @@ def _load(path: str, like):
   return jax.tree.unflatten(treedef, loaded)
 
 
+PRETRAIN_BLOCK = 8  # seeds pretrained together (see `pretrain`)
+
+
 def pretrain(family: str, seeds: int, pc: PretrainConfig = PretrainConfig()):
   """Returns (params with a leading [seeds] axis, info): base models, from the cache when there.
 
   Seed s is initialised and ordered by PRNGKey(s) (independent of any simulation's key, so every
-  simulation shares the same bases). Missing seeds are pretrained together, vmapped.
+  simulation shares the same bases). Seeds are pretrained in fixed blocks of PRETRAIN_BLOCK
+  (seed s with the others of block s // PRETRAIN_BLOCK, one vmapped call), so a base model does
+  not depend on which seeds a run happened to ask for first: the vmap batch size changes
+  floating-point rounding, and a cache filled in other groupings would give other numbers.
   """
   config = model_config(family)
   world = World.make(pc.world_seed)
@@ -358,6 +364,7 @@ def pretrain(family: str, seeds: int, pc: PretrainConfig = PretrainConfig()):
   paths = [_cache_path(family, s, pc) for s in range(seeds)]
   missing = [s for s, p in enumerate(paths) if not os.path.exists(p)]
   t0 = time.perf_counter()
+  blocks = sorted({s // PRETRAIN_BLOCK for s in missing})
   if missing:
     pool = collate(pretrain_mix(pc.pool, np.random.default_rng(pc.world_seed + 1), world))
     sched = optax.cosine_decay_schedule(pc.lr, pc.steps, alpha=0.1)
@@ -368,10 +375,14 @@ def pretrain(family: str, seeds: int, pc: PretrainConfig = PretrainConfig()):
       return train(config, params, optimizer, pool, jax.random.fold_in(key, 1), steps=pc.steps,
                    batch_size=pc.batch_size)[0]
 
-    keys = jnp.stack([jax.random.PRNGKey(s) for s in missing])
-    new = jax.jit(jax.vmap(one))(keys)
-    for i, s in enumerate(missing):
-      _save(paths[s], jax.tree.map(lambda x, i=i: x[i], new))
+    fn = jax.jit(jax.vmap(one))
+    for b in blocks:
+      block = range(b * PRETRAIN_BLOCK, (b + 1) * PRETRAIN_BLOCK)
+      new = fn(jnp.stack([jax.random.PRNGKey(s) for s in block]))
+      for i, s in enumerate(block):
+        path = _cache_path(family, s, pc)
+        if not os.path.exists(path):
+          _save(path, jax.tree.map(lambda x, i=i: x[i], new))
   params = [_load(p, like) for p in paths]
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *params)
   info = {"family": family, "pretrained_seeds": missing, "cached_seeds": [s for s in range(seeds) if s not in missing],

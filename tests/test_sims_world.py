@@ -104,6 +104,16 @@ def test_pretrain_caches_and_reuses(tmp_path):
   assert p1["embed"].shape[0] == 2
 
 
+def test_pretrained_base_does_not_depend_on_the_cache_history(tmp_path, monkeypatch):
+  pc = W.PretrainConfig(steps=3, pool=64)
+  monkeypatch.setenv("DREAMJAX_SIMS_CACHE", str(tmp_path / "a"))
+  one, info = W.pretrain("qwen3", 1, pc)  # asks for seed 0 alone: its whole block is trained and cached
+  assert info["pretrained_seeds"] == [0] and len(os.listdir(tmp_path / "a")) == W.PRETRAIN_BLOCK
+  monkeypatch.setenv("DREAMJAX_SIMS_CACHE", str(tmp_path / "b"))
+  three, _ = W.pretrain("qwen3", 3, pc)
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(x[0], y[0]), one, three)
+
+
 def test_calibrate_lr_hits_the_target():
   config = W.model_config("qwen3")
   params = W.init_params(config, jax.random.PRNGKey(0))
