@@ -11,7 +11,7 @@ Metrics, per seed:
   forgetting_k = 100 · (acc_k(base) − acc_k(final)) for skill k ∈ (qa, arith, fact), the
     Chaudhry et al. (2018) forgetting with the base as the only earlier evaluation; [S, 3].
   behaviour = 100 · exact-match accuracy of the target behaviour on held-out diverse episodes.
-Learning rates are set by the per-step relative update ||Δθ||/||θ|| (`world.calibrate_lr`).
+Learning rates are set by the per-step relative update ||Δθ||/||θ|| (`world.lr_for`).
 Seeds run together under one `jax.vmap` per arm (the same seed keys in every arm).
 """
 

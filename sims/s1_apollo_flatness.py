@@ -160,7 +160,7 @@ def _curvature_fn(config, iters: int):
 def probe_lr(config, optimizer, base_S, keys_S, pool, hess_batch, steps: int) -> dict:
   """Returns the lr whose mean per-step ||Δθ||/||θ|| over `steps` steps from the base is TARGET_REL.
 
-  `world.calibrate_lr`'s rule (Adam-type and SGD updates are ∝ lr), run with this module's own
+  `world.lr_for`'s rule (Adam-type and SGD updates are ∝ lr), run with this module's own
   compiled train function (target loss −∞) so the probe costs no extra compilation.
   """
   out = train_seeds(config, optimizer, base_S, keys_S, pool, hess_batch, lr=PROBE_LR[optimizer],

@@ -28,7 +28,7 @@ fresh forward pass of context + response (`correct_B`); a constant predictor sco
 A base model is pretrained once per seed with the project's own train step (`objective='sft'`)
 on the general skills plus the default behaviour, and cached as
 `<cache>/base_<family>_<seed>_<hash>.npz` (the hash covers the world, model and pretraining
-settings, so a stale file is never reused). Learning rates are set by update size: `calibrate_lr`
+settings, so a stale file is never reused). Learning rates are set by update size: `lr_for`
 returns the lr whose per-step relative update ||Δθ||/||θ|| hits a target, since raw learning
 rates do not carry over from 7B models to these tiny ones (45.6k parameters Qwen3-style, 52.9k
 Qwen3.5-style).
@@ -404,28 +404,6 @@ def real_lr_equivalent(rel_update: float) -> float:
   return rel_update * REAL_WEIGHT_RMS
 
 
-def calibrate_lr(config: ModelConfig, params, make_optimizer: Callable[[float], optax.GradientTransformation],
-                 pool: PreferenceBatch, target: float, *, probe_lr: float = 1e-3, probe_steps: int = 8,
-                 batch_size: int = 32, objective: str = "orpo", key=None) -> dict:
-  """Returns {'lr', 'measured', 'target', ...}: the lr whose mean ||Δθ_t||/||θ_t|| is `target`.
-
-  Runs `probe_steps` steps at probe_lr from `params` (one seed, no leading axis), measures the
-  mean relative update per step and scales the lr linearly (Adam-type updates are ∝ lr).
-  """
-  key = jax.random.PRNGKey(0) if key is None else key
-  optimizer = make_optimizer(probe_lr)
-  step_fn = make_train_step(config, objective, optimizer, "full", donate=False)
-  state = init_train_state(params, optimizer)
-  rel = []
-  for i in range(probe_steps):
-    before = optax.tree.norm(state.params)
-    state, metrics = step_fn(state, sample_batch(pool, jax.random.fold_in(key, i), batch_size))
-    rel.append(float(metrics["update_norm"] / before))
-  measured = float(np.mean(rel))
-  return {"target_rel_update": target, "probe_lr": probe_lr, "probe_rel_update": measured,
-          "lr": probe_lr * target / measured, "real_lr_equivalent": real_lr_equivalent(target)}
-
-
 def apollo_optimizer(lr: float) -> optax.GradientTransformation:
   """Returns the project's APOLLO-AdamW at this model's scale (rank 8: matrices are ≤ 88 wide)."""
   return optim.apollo(lr, rank=8, update_proj_gap=50)
@@ -467,7 +445,7 @@ def _finetune_fn(config, steps, batch_size, gradient_mode, objective, nll_on_pro
 # (config, steps, batch, mode, objective), so simulations that use these share one compilation.
 FINETUNE_STEPS, QUICK_FINETUNE_STEPS, BATCH = 120, 60, 32
 OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
-    "apollo": lambda lr: apollo_optimizer(lr),
+    "apollo": apollo_optimizer,
     "apollo_mini": lambda lr: optim.apollo_mini(lr),
     "adamw": lambda lr: optax.adamw(lr, weight_decay=0.0),
     "sgd": lambda lr: optax.sgd(lr),
