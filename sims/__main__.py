@@ -1,6 +1,6 @@
 """Runs the simulation suite and writes DIR/results.json, DIR/REPORT.md and DIR/<name>.png.
 
-    python -m sims [--quick | --smoke] [--only NAME[,NAME]] [--seeds N] [--out DIR] [--seed S]
+    python -m sims [--quick | --smoke] [--only NAME[,NAME]] [--seeds N] [--out DIR] [--seed S] [--jobs N]
     python -m sims --list
 
 Exits 1 if a simulation raised (its verdict is ERROR); a REFUTED prediction is a result, not a
@@ -22,6 +22,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "Base seed for the simulations' PRNG key
 _REPS = flags.DEFINE_integer("bootstrap_reps", 2000, "Bootstrap replicates per interval.",
                              lower_bound=100)
 _FIGURES = flags.DEFINE_boolean("figures", True, "Draw PNG figures (needs matplotlib).")
+_JOBS = flags.DEFINE_integer("jobs", 2, "Simulations run at once (threads; one compiles while another computes). "
+                             "Their numbers do not depend on it.", lower_bound=1)
 _LIST = flags.DEFINE_boolean("list", False, "List the simulations and exit.")
 
 
@@ -38,7 +40,7 @@ def main(argv):
   harness.enable_compilation_cache()
   results = harness.run_suite(names, out=_OUT.value, quick=_QUICK.value, seeds=_SEEDS.value,
                               seed=_SEED.value, reps=_REPS.value, figures=_FIGURES.value,
-                              smoke=_SMOKE.value)
+                              smoke=_SMOKE.value, jobs=_JOBS.value)
   figures = " and figures" if _FIGURES.value else ""
   print(f"wrote {_OUT.value}/REPORT.md, results.json{figures}")
   if any(r["verdict"] == harness.ERROR for r in results["simulations"]):

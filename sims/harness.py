@@ -35,8 +35,10 @@ import os
 import pkgutil
 import platform
 import re
+import concurrent.futures
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import zlib
@@ -288,6 +290,7 @@ class Progress:
     self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
     self.t0 = time.perf_counter()
     self.name = ""
+    self.lock = threading.Lock()  # simulations may start from worker threads (run_suite jobs > 1)
 
   def _bar(self) -> str:
     filled = self.width * self.done // max(self.total, 1)
@@ -299,12 +302,17 @@ class Progress:
             f" {_clock(elapsed)}{eta}")
 
   def start(self, name: str) -> None:
-    self.name = name
-    line = f"{self._bar()}  running {name}"
-    self.stream.write(f"\r\x1b[K{line}" if self.tty else line + "\n")
-    self.stream.flush()
+    with self.lock:
+      self.name = name
+      line = f"{self._bar()}  running {name}"
+      self.stream.write(f"\r\x1b[K{line}" if self.tty else line + "\n")
+      self.stream.flush()
 
   def finish(self, name: str, verdict: str, seconds: float) -> None:
+    with self.lock:
+      self._finish(name, verdict, seconds)
+
+  def _finish(self, name: str, verdict: str, seconds: float) -> None:
     self.done += 1
     result = f"  {name}: {verdict} ({seconds:.1f} s)"
     if self.tty:
@@ -380,11 +388,12 @@ def enable_compilation_cache() -> Optional[str]:
 def run_suite(names: Optional[Sequence[str]] = None, *, out: str, quick: bool = False,
               seeds: Optional[int] = None, seed: int = 0, reps: int = 2000,
               confidence: float = 0.95, figures: bool = True,
-              progress: Optional[TextIO] = None, smoke: bool = False) -> dict:
+              progress: Optional[TextIO] = None, smoke: bool = False, jobs: int = 1) -> dict:
   """Runs simulations, writing DIR/results.json, DIR/REPORT.md and DIR/<name>.png; returns results.
 
-  results.json is rewritten before each simulation (with its rules, already registered) and
-  after it, so an interrupted suite keeps everything finished so far.
+  Every simulation is registered (its rules hashed and written to results.json) before any runs;
+  results.json is rewritten as each one finishes, so an interrupted suite keeps everything
+  finished so far. Records keep the order of `names` whatever order they finish in.
 
   Args:
     names: simulations to run (see `select`); None runs all.
@@ -397,46 +406,75 @@ def run_suite(names: Optional[Sequence[str]] = None, *, out: str, quick: bool = 
     progress: stream for the progress bar (stderr by default).
     smoke: the smoke path: the quick path with SMOKE_SETTINGS (a few steps) and SMOKE_SEEDS seeds;
       checks that every simulation runs end to end, its verdicts mean nothing.
+    jobs: simulations run at once, in threads of this process (JAX releases the GIL while it
+      compiles and computes, so one simulation's single-threaded XLA compilation overlaps another's
+      computation). A simulation's numbers do not depend on jobs: each is a pure function of its
+      key, and what simulations share (base models, lr probes) is computed once under a lock.
   """
   if smoke:
     quick, seeds = True, seeds or SMOKE_SEEDS
+  if jobs < 1:
+    raise ValueError(f"jobs must be >= 1, got {jobs}")
   names = select(names)
   os.makedirs(out, exist_ok=True)
   bootstrap = {"reps": reps, "confidence": confidence, "seed": seed}
   results = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
              "command": list(sys.argv),
              "config": {"quick": quick, "smoke": smoke, "seeds": seeds, "only": list(names), "seed": seed,
-                        "bootstrap": bootstrap, "figures": figures},
+                        "bootstrap": bootstrap, "figures": figures, "jobs": jobs},
              **environment(), "timing": {}, "simulations": []}
   path = os.path.join(out, "results.json")
   bar = Progress(len(names), progress)
   t0 = time.perf_counter()
-  for name in names:
-    bar.start(name)
-    t = time.perf_counter()
+  records, sims = {}, {}
+  for name in names:  # load and register everything first, in the main thread
     try:
-      sim = load(name, smoke=smoke)
+      sims[name] = load(name, smoke=smoke)
     except Exception:  # pylint: disable=broad-except
-      record = {"name": name, "selfcheck": False, "error": traceback.format_exc(),
-                "verdict": ERROR, "timing": {}}
+      records[name] = {"name": name, "selfcheck": False, "error": traceback.format_exc(),
+                       "verdict": ERROR, "timing": {"total_s": 0.0}}
     else:
-      record = registration(sim)
-      results["simulations"].append({**record, "status": "registered, running"})
-      write_json(path, results)
-      results["simulations"].pop()
-      n = seeds or (sim.quick_seeds if quick else sim.seeds)
-      record = run_simulation(sim, seeds=n, quick=quick, key=sim_key(seed, name),
-                              bootstrap=bootstrap, record=record)
-      if not figures:
-        record["figure_note"] = "figures were not drawn (run with --nofigures)"
-      elif record["data"] is not None:
-        t1 = time.perf_counter()
-        record["figure"], record["figure_note"] = report.draw_figure(record, out, plot=sim.plot)
-        record["timing"]["figure_s"] = time.perf_counter() - t1
-    record["timing"]["total_s"] = time.perf_counter() - t
-    results["simulations"].append(record)
+      records[name] = {**registration(sims[name]), "status": "registered, waiting"}
+
+  def save():
+    results["simulations"] = [records[n] for n in names]
     results["timing"]["total_s"] = time.perf_counter() - t0
     write_json(path, results)
-    bar.finish(name, record["verdict"], record["timing"]["total_s"])
+
+  save()
+  for name in names:
+    if name not in sims:
+      bar.finish(name, ERROR, 0.0)
+
+  def work(name):
+    t = time.perf_counter()
+    bar.start(name)
+    sim = sims[name]
+    n = seeds or (sim.quick_seeds if quick else sim.seeds)
+    record = {k: v for k, v in records[name].items() if k != "status"}
+    record = run_simulation(sim, seeds=n, quick=quick, key=sim_key(seed, name), bootstrap=bootstrap,
+                            record=record)
+    return record, t
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="sim") as pool:
+    futures = {pool.submit(work, name): name for name in names if name in sims}
+    try:
+      for future in concurrent.futures.as_completed(futures):
+        name = futures[future]
+        record, t = future.result()
+        if not figures:
+          record["figure_note"] = "figures were not drawn (run with --nofigures)"
+        elif record["data"] is not None:  # matplotlib stays in the main thread
+          t1 = time.perf_counter()
+          record["figure"], record["figure_note"] = report.draw_figure(record, out, plot=sims[name].plot)
+          record["timing"]["figure_s"] = time.perf_counter() - t1
+        record["timing"]["total_s"] = time.perf_counter() - t
+        records[name] = record
+        save()
+        bar.finish(name, record["verdict"], record["timing"]["total_s"])
+    except BaseException:
+      for f in futures:  # do not start more; the running ones finish before the process exits
+        f.cancel()
+      raise
   report.write(out)
   return results

@@ -35,14 +35,13 @@ Metrics, per seed:
                  is ≤ 0 on every real token of the probe batch (SiLU's negative side is ≈ 0: the
                  unit never opens), after the last round; dead_units_change = final − base
   weight_norm  = ||θ_final|| / ||θ_base||
-The probe batch's MLP gate inputs are read from the project's own `dreamjax.model.decoder.forward`
-(its `mlp` is observed during tracing, not re-implemented).
+The probe batch's MLP inputs come from the project's own `dreamjax.model.decoder.forward`
+(`return_mlp_inputs=True`); the gate input is that times the layer's W_gate.
 Criterion: IQM_s(last_acc) / IQM_s(first_acc) ≥ 0.9 for the stack, on its 95% bootstrap interval
 (the ratio of the seeds' IQMs: a per-seed ratio is undefined when a seed's first window scores 0,
 which narrow-data arms can do; the per-seed ratio's IQM is reported as an effect).
 """
 
-import contextlib
 import functools
 import math
 
@@ -182,22 +181,6 @@ def probe_batch(world: W.World, n: int):
 # Health metrics of a network (traceable; one seed).
 
 
-@contextlib.contextmanager
-def observe_mlp_gates(store: list):
-  """While active, `decoder.forward` appends every MLP's gate input x·W_gate (B, T, F) to store."""
-  original = decoder.mlp
-
-  def spy(p, x):
-    store.append(x @ p["gate_proj"])
-    return original(p, x)
-
-  decoder.mlp = spy
-  try:
-    yield
-  finally:
-    decoder.mlp = original
-
-
 def effective_rank(x_BxD):
   """Returns exp(entropy of the normalised singular values) of the centred features."""
   s = jnp.linalg.svd(x_BxD - x_BxD.mean(0), compute_uv=False)
@@ -207,10 +190,10 @@ def effective_rank(x_BxD):
 
 def health(params, probe, config):
   """Returns (effective rank, dead-unit fraction, weight norm) of one network on the probe batch."""
-  gates = []
-  with observe_mlp_gates(gates):
-    _, _, hidden = decoder.forward(params, probe.context_BxC, positions_from_mask(probe.context_mask_BxC),
-                                   probe.context_mask_BxC, config=config, return_hidden=True)
+  _, _, hidden, mlp_in = decoder.forward(params, probe.context_BxC, positions_from_mask(probe.context_mask_BxC),
+                                         probe.context_mask_BxC, config=config, return_hidden=True,
+                                         return_mlp_inputs=True)
+  gates = [x @ layer["mlp"]["gate_proj"] for x, layer in zip(mlp_in, params["layers"])]
   real_BxT = probe.context_mask_BxC.astype(bool)[..., None]
   open_F = jnp.concatenate([jnp.any((g > 0) & real_BxT, axis=(0, 1)) for g in gates])
   return effective_rank(hidden[-1][:, -1]), jnp.mean(~open_F), optax.tree.norm(params)

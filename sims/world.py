@@ -41,6 +41,7 @@ import functools
 import hashlib
 import json
 import os
+import threading
 import time
 from typing import Callable, Optional, Sequence
 
@@ -218,11 +219,15 @@ def exact_match_B(pred_BxR, batch: PreferenceBatch):
 def accuracies(params, sets: dict, config: ModelConfig) -> dict:
   """Returns {set name: accuracy in %} (params may carry a leading seed axis: then [S])."""
   leading = params["embed"].ndim == 3
-  out = {}
-  for name, b in sets.items():
-    fn = lambda p, b=b: correct_B(p, b, config=config).mean() * 100.0
-    out[name] = jax.vmap(fn)(params) if leading else fn(params)
-  return out
+  return _accuracies_fn(config, leading)(params, sets)
+
+
+@functools.lru_cache(maxsize=None)
+def _accuracies_fn(config: ModelConfig, leading: bool):
+  """Returns jit(f): (params, sets) → {name: accuracy %}, every set in one call (vmapped over seeds)."""
+  def one(p, sets):
+    return {name: correct_B(p, b, config=config).mean() * 100.0 for name, b in sets.items()}
+  return jax.jit(jax.vmap(one, in_axes=(0, None)) if leading else one)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -284,13 +289,15 @@ def sample_batch(pool: PreferenceBatch, key, batch_size: int) -> PreferenceBatch
 def train(config: ModelConfig, params, optimizer, pool: PreferenceBatch, key, *, steps: int,
           batch_size: int, objective: str = "sft", gradient_mode: str = "full",
           objective_kwargs: Optional[dict] = None, nll_on_prompt: bool = False,
-          return_rel_update: bool = False):
+          return_rel_update: bool = False, active_steps=None):
   """Returns (params, loss per step [steps]) after `steps` project train steps on pool draws.
 
   A `lax.scan` over `dreamjax.train.step.make_train_step`; step i's batch is drawn with
   fold_in(key, i), so the key fixes the data order. Pure and traceable: vmap it over seeds.
   return_rel_update: also return each step's ||Δθ_t|| / ||θ_t|| [steps].
   objective 'dpo' / 'dpop' use the starting params as the frozen reference model.
+  active_steps: a traced int; steps i ≥ active_steps are skipped (state unchanged, loss and
+    relative update 0) at no compute, so a short run (the lr probe) reuses a long run's compile.
   """
   step_fn = make_train_step(config, objective, optimizer, gradient_mode, donate=False,
                             objective_kwargs=objective_kwargs, nll_on_prompt=nll_on_prompt)
@@ -304,6 +311,9 @@ def train(config: ModelConfig, params, optimizer, pool: PreferenceBatch, key, *,
     state, metrics = step_fn(state, batch) if ref is None else step_fn(state, batch, ref)
     return state, (metrics["loss"], metrics["update_norm"] / norm)
 
+  if active_steps is not None:  # an unbatched predicate: under vmap this stays a real branch
+    run, skip = body, lambda state, i: (state, (jnp.float32(0.0), jnp.float32(0.0)))
+    body = lambda state, i: jax.lax.cond(i < active_steps, run, skip, state, i)
   state, (loss, rel) = jax.lax.scan(body, state, jnp.arange(steps))
   return (state.params, loss, rel) if return_rel_update else (state.params, loss)
 
@@ -324,9 +334,14 @@ def cache_dir() -> str:
   return os.environ.get("DREAMJAX_SIMS_CACHE", os.path.join("sims_out", "cache"))
 
 
+# Bumped whenever the pretraining computation changes its floating-point result, so that a cache
+# built by older code is never mixed with new bases. 2: the SFT step skips the rejected pass.
+CACHE_VERSION = 2
+
+
 def _cache_path(family: str, seed: int, pc: PretrainConfig) -> str:
   blob = json.dumps([dataclasses.asdict(model_config(family)), dataclasses.asdict(pc), VOCAB,
-                     MODULUS, CONTEXT_LEN], sort_keys=True, default=str)
+                     MODULUS, CONTEXT_LEN, CACHE_VERSION], sort_keys=True, default=str)
   digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
   return os.path.join(cache_dir(), f"base_{family}_{seed}_{digest}.npz")
 
@@ -348,6 +363,24 @@ def _load(path: str, like):
 
 PRETRAIN_BLOCK = 8  # seeds pretrained together (see `pretrain`)
 
+# Simulations may run in parallel threads (`harness.run_suite(jobs=...)`): what is computed once per
+# process and shared (base models, lr probes, x6's phase 1) goes through `once` or a lock.
+_LOCK = threading.Lock()
+_KEY_LOCKS: dict = {}
+
+
+def _lock_for(*key) -> threading.Lock:
+  with _LOCK:
+    return _KEY_LOCKS.setdefault(key, threading.Lock())
+
+
+def once(table: dict, key, compute: Callable[[], object]):
+  """Returns table[key], computed by compute() on first use; a concurrent caller waits for it."""
+  with _lock_for(id(table), key):
+    if key not in table:
+      table[key] = compute()
+  return table[key]
+
 
 def pretrain(family: str, seeds: int, pc: PretrainConfig = PretrainConfig()):
   """Returns (params with a leading [seeds] axis, info): base models, from the cache when there.
@@ -358,6 +391,11 @@ def pretrain(family: str, seeds: int, pc: PretrainConfig = PretrainConfig()):
   not depend on which seeds a run happened to ask for first: the vmap batch size changes
   floating-point rounding, and a cache filled in other groupings would give other numbers.
   """
+  with _lock_for("pretrain", family):  # one thread pretrains a family; the others wait for its files
+    return _pretrain(family, seeds, pc)
+
+
+def _pretrain(family: str, seeds: int, pc: PretrainConfig):
   config = model_config(family)
   world = World.make(pc.world_seed)
   like = init_params(config, jax.random.PRNGKey(0))
@@ -417,25 +455,27 @@ def relative_update(params_a, params_b):
 
 def finetune_seeds(config: ModelConfig, base_S, keys_S, pool: PreferenceBatch, *, lr: float,
                    steps: int, batch_size: int, gradient_mode: str = "full", objective: str = "orpo",
-                   nll_on_prompt: bool = False, optimizer: str = "apollo", with_rel_update: bool = False):
+                   nll_on_prompt: bool = False, optimizer: str = "apollo", with_rel_update: bool = False,
+                   active_steps: Optional[int] = None):
   """Returns (params [S, ...], loss [S, steps]): fine-tuning of every seed's base, vmapped.
 
   optimizer: a key of OPTIMIZERS (default the project's APOLLO). The lr and the pool are traced
   arguments: arms that differ only in them share one compile. with_rel_update: also return
-  each step's ||Δθ_t|| / ||θ_t||, [S, steps] (the same compiled function).
+  each step's ||Δθ_t|| / ||θ_t||, [S, steps] (the same compiled function). active_steps: run only
+  the first that many steps (traced, the same compiled function; the rest return params unchanged).
   """
   fn = _finetune_fn(config, steps, batch_size, gradient_mode, objective, nll_on_prompt, optimizer)
-  params, loss, rel = fn(base_S, keys_S, pool, jnp.float32(lr))
+  params, loss, rel = fn(base_S, keys_S, pool, jnp.float32(lr), jnp.int32(active_steps or steps))
   return (params, loss, rel) if with_rel_update else (params, loss)
 
 
 @functools.lru_cache(maxsize=None)
 def _finetune_fn(config, steps, batch_size, gradient_mode, objective, nll_on_prompt, optimizer="apollo"):
-  def one(params, key, pool, lr):
+  def one(params, key, pool, lr, active_steps):
     return train(config, params, OPTIMIZERS[optimizer](lr), pool, key, steps=steps, batch_size=batch_size,
-                 return_rel_update=True,
+                 return_rel_update=True, active_steps=active_steps,
                  objective=objective, gradient_mode=gradient_mode, nll_on_prompt=nll_on_prompt)
-  return jax.jit(jax.vmap(one, in_axes=(0, 0, None, None)))
+  return jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, None)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,23 +506,27 @@ def lr_for(family: str, target: float, base_S, *, optimizer: str = "apollo", obj
   """Returns the lr whose mean per-step ||Δθ||/||θ|| over the first PROBE_STEPS steps is `target`.
 
   The probe runs the arms' own compiled fine-tuning (`finetune` with the same seeds, steps and
-  optimizer: no extra compilation) at a probe lr on the reference pool, once per (family,
+  optimizer: no extra compilation; only its first PROBE_STEPS steps execute) at a probe lr on the
+  reference pool, once per (family,
   optimizer, objective, pretraining, steps, seeds), and averages the first steps' relative update
   over seeds; other targets scale its lr linearly (Adam-type and SGD updates are ∝ lr).
   """
   n_steps = steps or (QUICK_FINETUNE_STEPS if quick else FINETUNE_STEPS)
   n_seeds = int(jax.tree.leaves(base_S)[0].shape[0])
   key = (family, optimizer, objective, pc, n_steps, n_seeds)
-  if key not in _PROBES:
+
+  def probe():
     probe_lr = 1e-1 if optimizer == "sgd" else 1e-3
     keys_S = jax.random.split(jax.random.PRNGKey(99), n_seeds)
     _, _, rel_SxT = finetune_seeds(model_config(family), base_S, keys_S, reference_pool(World.make(pc.world_seed)),
                                    lr=probe_lr, steps=n_steps, batch_size=BATCH, objective=objective,
-                                   optimizer=optimizer, with_rel_update=True)
+                                   optimizer=optimizer, with_rel_update=True,
+                                   active_steps=min(PROBE_STEPS, n_steps))
     measured = float(np.mean(np.asarray(rel_SxT)[:, :min(PROBE_STEPS, n_steps)]))
-    _PROBES[key] = {"probe_lr": probe_lr, "probe_rel_update": measured, "lr": probe_lr / measured,
-                    "probe_steps": min(PROBE_STEPS, n_steps), "probe_seeds": n_seeds}
-  probe = _PROBES[key]
+    return {"probe_lr": probe_lr, "probe_rel_update": measured, "lr": probe_lr / measured,
+            "probe_steps": min(PROBE_STEPS, n_steps), "probe_seeds": n_seeds}
+
+  probe = once(_PROBES, key, probe)
   return {**probe, "target_rel_update": target, "lr": probe["lr"] * target,
           "real_lr_equivalent": real_lr_equivalent(target), "optimizer": optimizer, "objective": objective}
 

@@ -58,8 +58,7 @@ def judgement_model(seeds: int, quick: bool, steps: int, pc: W.PretrainConfig):
   Phase 1 is a shared starting point, like the base: its data order uses fixed keys PRNGKey(10_000 + s)
   (independent of any simulation's key), and it is computed once per process.
   """
-  cache_key = (seeds, steps, pc)
-  if cache_key not in _JUDGEMENT:
+  def phase1():
     base_S, base_info = W.pretrain("qwen3", seeds, pc)
     world = W.World.make(pc.world_seed)
     pool = W.collate(W.examples("behaviour", 1024, np.random.default_rng(606), world, preference=True))
@@ -69,8 +68,9 @@ def judgement_model(seeds: int, quick: bool, steps: int, pc: W.PretrainConfig):
     info = {"steps": steps, "target_rel_update": JUDGEMENT_TARGET, "lr_calibration": lr, "base": base_info,
             "pool": "1024 diverse behaviour pairs, all three cues (rng 606)", "objective": "orpo",
             "optimizer": "dreamjax.optim.apollo(rank=8)"}
-    _JUDGEMENT[cache_key] = (base_S, params_S, info)
-  return _JUDGEMENT[cache_key]
+    return base_S, params_S, info
+
+  return W.once(_JUDGEMENT, (seeds, steps, pc), phase1)
 
 
 def cue_sets(world: W.World, n: int, seed: int = 777) -> dict:

@@ -220,3 +220,24 @@ def test_cache_capacity_is_checked():
   toks, mask = _batch(cfg, 1, 9, 0)
   with pytest.raises(ValueError, match="do not fit a cache of capacity 8"):
     M.prefill(params, toks, M.positions_from_mask(mask), mask, config=cfg, capacity=8)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_mlp_inputs_rebuild_each_layers_residual_in_numpy(name):
+  """return_mlp_inputs: with u_i the MLP input and h_i the residual into layer i, numpy's
+  SwiGLU gives the post-attention residual m_i = h_{i+1} − mlp(u_i), and u_i must equal RMSNorm(m_i)."""
+  cfg, params = preset_params(name)
+  toks, mask = _batch(cfg, 2, 11, 3)
+  logits, _, hidden, mlp_in = M.forward(params, toks, M.positions_from_mask(mask), mask, config=cfg,
+                                        return_hidden=True, return_mlp_inputs=True)
+  plain, _ = fwd(cfg)(params, toks, M.positions_from_mask(mask), mask)
+  np.testing.assert_allclose(logits, plain, atol=1e-5)
+  assert len(mlp_in) == cfg.num_layers
+  silu = lambda x: x / (1.0 + np.exp(-x))
+  for i, layer in enumerate(params["layers"]):
+    p = jax.tree.map(np.asarray, layer)
+    u = np.asarray(mlp_in[i], np.float64)
+    mid = np.asarray(hidden[i + 1], np.float64) - (silu(u @ p["mlp"]["gate_proj"]) * (u @ p["mlp"]["up_proj"])) @ p["mlp"]["down_proj"]
+    w = p["post_attention_norm"] + (1.0 if cfg.norm_zero_centered else 0.0)
+    want = mid / np.sqrt(np.mean(mid ** 2, -1, keepdims=True) + cfg.rms_norm_eps) * w
+    np.testing.assert_allclose(u, want, atol=2e-4, rtol=1e-3)

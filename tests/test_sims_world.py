@@ -139,6 +139,26 @@ def test_lr_for_scales_one_probe_linearly(tmp_path, monkeypatch):
   assert float(np.mean(np.asarray(rel))) == pytest.approx(4e-3, rel=0.3)  # the calibrated lr hits its target
 
 
+def test_active_steps_runs_a_prefix_of_the_same_compiled_run(tmp_path, monkeypatch):
+  """finetune_seeds(steps=6, active_steps=2) equals a 2-step run (another compiled function) and
+  leaves the params unchanged after step 2; the lr probe relies on it."""
+  monkeypatch.setenv("DREAMJAX_SIMS_CACHE", str(tmp_path))
+  pc = W.PretrainConfig(steps=2)
+  base_S, _ = W.pretrain("qwen3", 2, pc)
+  keys = jax.random.split(jax.random.PRNGKey(3), 2)
+  kw = dict(lr=1e-3, batch_size=5, with_rel_update=True)
+  config, pool = W.model_config("qwen3"), W.reference_pool(WORLD)
+  short, loss2, rel2 = W.finetune_seeds(config, base_S, keys, pool, steps=2, **kw)
+  part, loss6, rel6 = W.finetune_seeds(config, base_S, keys, pool, steps=6, active_steps=2, **kw)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), short, part)
+  np.testing.assert_allclose(rel6[:, :2], rel2, rtol=1e-5)
+  np.testing.assert_allclose(loss6[:, :2], loss2, rtol=1e-5)
+  assert np.all(np.asarray(rel6[:, 2:]) == 0) and np.all(np.asarray(loss6[:, 2:]) == 0)
+  full, _, rel_full = W.finetune_seeds(config, base_S, keys, pool, steps=6, **kw)
+  assert np.all(np.asarray(rel_full) > 0)
+  assert not np.allclose(np.asarray(full["embed"]), np.asarray(part["embed"]))
+
+
 # Every simulation end to end on the smoke path (a few steps, 2 seeds); their verdicts mean nothing
 # here. Simulations that share compiled functions (the standard fine-tuning step, the same probes)
 # run in one process, in groups that pytest-xdist spreads over the workers; a simulation in no
@@ -165,7 +185,9 @@ def test_every_simulation_runs_on_the_smoke_path(group, tmp_path, monkeypatch):
   names = _smoke_names(group)
   assert names, f"smoke group {group!r} is empty"
   out = str(tmp_path / "out")
-  results = harness.run_suite(names, out=out, smoke=True, reps=200, figures=False, progress=io.StringIO())
+  jobs = 2 if group == "rest" else 1  # the rest group also checks parallel runs (threads)
+  results = harness.run_suite(names, out=out, smoke=True, reps=200, figures=False, progress=io.StringIO(),
+                              jobs=jobs)
   by_name = {r["name"]: r for r in results["simulations"]}
   assert list(by_name) == names
   for name, record in by_name.items():
@@ -179,3 +201,9 @@ def test_every_simulation_runs_on_the_smoke_path(group, tmp_path, monkeypatch):
     assert module.SMOKE is None, name
   report = open(os.path.join(out, "REPORT.md")).read()
   assert "**smoke** path" in report and all(f"## {n}" in report for n in names)
+  if jobs > 1:  # a simulation's numbers do not depend on what ran beside it
+    again = harness.run_suite(names[:2][::-1], out=str(tmp_path / "again"), smoke=True, reps=200, figures=False,
+                              progress=io.StringIO(), jobs=1)
+    assert [r["name"] for r in again["simulations"]] == names[:2][::-1]
+    for record in again["simulations"]:
+      assert record["data"] == by_name[record["name"]]["data"], record["name"]

@@ -119,6 +119,34 @@ def test_mixed_batch_weights_groups_by_fraction():
   assert float(loss2) == float(loss)
 
 
+@pytest.mark.parametrize("mode", ["frozen", "full"])
+def test_sft_skips_the_rejected_pass_with_the_same_loss_and_gradient(mode):
+  """SFT never reads the rejected responses, so the step skips their pass; the loss and gradient
+  equal those from log-probs computed with the rejected pass (a second path), the batch's NLL is
+  a token-pooled NLL over what it weights, and the rejected tokens (even garbage) change nothing."""
+  cfg, params = setup("qwen3-tiny")
+  batch = make_batch(cfg, 4, b=4, general=1)
+  (loss, m), grads = loss_and_grad(cfg, params, batch, mode, objective="sft")
+
+  def reference(p):
+    chosen, rejected = step_lib.response_logprobs(p, batch, cfg, mode, with_rejected=True)
+    lp = {"chosen": chosen, "rejected": rejected}
+    return step_lib.loss_from_logprobs(lp, batch.is_preference_B, objective="sft")[0]
+
+  want_loss, want_grads = jax.jit(jax.value_and_grad(reference))(params)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+  for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-5)
+  assert float(m["tokens"]) == float(jnp.sum(batch.chosen_mask_BxR))
+  pref = np.asarray(batch.is_preference_B, bool)
+  c, _ = step_lib.response_logprobs(params, batch, cfg, "full")
+  nll = lambda rows: -np.sum(np.asarray(c.sum_B)[rows]) / np.sum(np.asarray(c.count_B)[rows])
+  np.testing.assert_allclose(loss, pref.mean() * nll(pref) + (~pref).mean() * nll(~pref), rtol=1e-5)
+  garbage = batch.replace(rejected_BxR=jnp.full_like(batch.rejected_BxR, 10 ** 6))
+  (loss2, _), _ = loss_and_grad(cfg, params, garbage, mode, objective="sft")
+  assert float(loss2) == float(loss)
+
+
 @pytest.mark.parametrize("objective", ["sft", "dpo", "dpop"])
 def test_other_objectives_plug_in(objective):
   cfg, params = setup("qwen3-tiny" if objective != "dpo" else "qwen3_5-tiny")

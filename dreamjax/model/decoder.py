@@ -173,8 +173,9 @@ def _layer(p, kind, x, cos, sin, mask, layer_cache, slots, config, frozen=None):
   else:
     out, new_cache = gated_deltanet(p["linear_attn"], h, mask, layer_cache, config, frozen)
   x = x + out
-  x = x + mlp(p["mlp"], rms_norm(x, p["post_attention_norm"], eps, zc))
-  return stop_gradient_where(x, frozen), new_cache
+  mlp_in = rms_norm(x, p["post_attention_norm"], eps, zc)
+  x = x + mlp(p["mlp"], mlp_in)
+  return stop_gradient_where(x, frozen), new_cache, mlp_in
 
 
 def forward(
@@ -187,9 +188,12 @@ def forward(
     config: ModelConfig,
     remat: bool = False,
     return_hidden: bool = False,
+    return_mlp_inputs: bool = False,
     stop_gradient_BxT: Optional[jax.Array] = None,
 ):
   """Returns (logits_BxTxV, cache) — or (logits, cache, hidden) with return_hidden.
+
+  With return_mlp_inputs a further list follows: (logits, cache[, hidden], mlp_inputs).
 
   Args:
     tokens_BxT, positions_BxT: token ids and their RoPE positions (explicit, so left padding works).
@@ -204,6 +208,8 @@ def forward(
     remat: rematerialise each decoder layer in the backward pass (jax.checkpoint).
     return_hidden: also return the residual stream entering each layer and the final one,
       a list of L + 1 arrays (B, T, D) (for per-layer health monitors).
+    return_mlp_inputs: also return each layer's MLP input (the normed residual after attention),
+      a list of L arrays (B, T, D); x·W_gate of it is the gate pre-activation (dead-unit counts).
     stop_gradient_BxT: optional bool mask of positions whose activations carry no gradient, at
       every layer: their residual stream, attention keys/values, DeltaNet conv inputs, beta and g.
       A full-sequence pass with the context (all but its last token) masked has exactly the
@@ -222,20 +228,20 @@ def forward(
   else:
     slots = (mask, jnp.arange(t), jnp.arange(t), 0)
   layer_fn = jax.checkpoint(_layer, static_argnums=(1, 8)) if remat else _layer
-  new_layers, hidden = [], []
+  new_layers, hidden, mlp_inputs = [], [], []
   for i, (kind, p) in enumerate(zip(config.layer_types, params["layers"])):
     hidden.append(x)
-    x, lc = layer_fn(p, kind, x, cos, sin, mask, cache.layers[i] if cache is not None else None, slots, config,
+    x, lc, mlp_in = layer_fn(p, kind, x, cos, sin, mask, cache.layers[i] if cache is not None else None, slots, config,
                      stop_gradient_BxT)
     new_layers.append(lc)
+    mlp_inputs.append(mlp_in)
   hidden.append(x)
   x = rms_norm(x, params["final_norm"], config.rms_norm_eps, config.norm_zero_centered)
   head = params["embed"].T if config.tie_embeddings else params["lm_head"]
   logits = x @ head
   new_cache = Cache(tuple(new_layers), slots[0], cache.end + t) if cache is not None else None
-  if return_hidden:
-    return logits, new_cache, hidden
-  return logits, new_cache
+  out = (logits, new_cache) + ((hidden,) if return_hidden else ()) + ((mlp_inputs,) if return_mlp_inputs else ())
+  return out
 
 
 def prefill(params, tokens_BxT, positions_BxT, mask_BxT, *, config: ModelConfig, capacity: int, dtype=None):

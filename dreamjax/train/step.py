@@ -49,19 +49,31 @@ def init_train_state(params, optimizer: optax.GradientTransformation, seed: int 
 # Per-sequence log-probabilities of the responses, in either gradient mode.
 
 
-def _response_inputs(batch: PreferenceBatch):
-  """Returns the response pass inputs for chosen and rejected stacked as (2B, R)."""
+def _response_inputs(batch: PreferenceBatch, with_rejected: bool = True):
+  """Returns the response pass inputs: chosen and rejected interleaved as (2B, R), or chosen (B, R)."""
+  if not with_rejected:
+    return batch.chosen_BxR, batch.chosen_mask_BxR
   resp = jnp.stack([batch.chosen_BxR, batch.rejected_BxR], axis=1)  # (B, 2, R)
   rmask = jnp.stack([batch.chosen_mask_BxR, batch.rejected_mask_BxR], axis=1)
   b, _, r = resp.shape
   return resp.reshape(2 * b, r), rmask.reshape(2 * b, r)
 
 
-def response_logprobs_frozen(params, batch: PreferenceBatch, config: ModelConfig, remat: bool = False):
-  """Returns (chosen, rejected) SeqLogProbs with the context frozen (see module docstring)."""
+def _split(lp: obj.SeqLogProbs, k: int):
+  """Returns the k interleaved continuations' SeqLogProbs (rows i, i + k, ...) as a tuple."""
+  return tuple(obj.SeqLogProbs(*(x[i::k] for x in lp)) for i in range(k))
+
+
+def response_logprobs_frozen(params, batch: PreferenceBatch, config: ModelConfig, remat: bool = False,
+                             with_rejected: bool = True):
+  """Returns (chosen, rejected) SeqLogProbs with the context frozen (see module docstring).
+
+  with_rejected=False: (chosen,) only, the rejected pass skipped (SFT has no use for it).
+  """
   ctx, cmask = batch.context_BxC, batch.context_mask_BxC
   b, c = ctx.shape
-  resp, rmask = _response_inputs(batch)  # (2B, R)
+  k = 2 if with_rejected else 1  # continuations per context
+  resp, rmask = _response_inputs(batch, with_rejected)  # (kB, R)
   r = resp.shape[1]
   cpos = positions_from_mask(cmask)
   frozen = jax.lax.stop_gradient(params)
@@ -69,45 +81,49 @@ def response_logprobs_frozen(params, batch: PreferenceBatch, config: ModelConfig
     _, cache = prefill(frozen, ctx[:, :-1], cpos[:, :-1], cmask[:, :-1], config=config, capacity=c - 1 + r)
   else:
     cache = init_cache(config, b, r, params["embed"].dtype)
-  cache = jax.lax.stop_gradient(broadcast_cache(cache, 2))  # one context, two continuations
-  rep = lambda x: jnp.repeat(x, 2, axis=0)
+  if k > 1:
+    cache = broadcast_cache(cache, k)  # one context, k continuations
+  cache = jax.lax.stop_gradient(cache)
+  rep = lambda x: jnp.repeat(x, k, axis=0)
   inp = jnp.concatenate([rep(ctx[:, -1:]), resp[:, :-1]], axis=1)  # [last context token, resp[:-1]]
-  imask = jnp.concatenate([jnp.ones((2 * b, 1), rmask.dtype), rmask[:, :-1]], axis=1)
+  imask = jnp.concatenate([jnp.ones((k * b, 1), rmask.dtype), rmask[:, :-1]], axis=1)
   n_ctx = jnp.sum(cmask, axis=1)
   ipos = rep(n_ctx - 1)[:, None] + jnp.arange(r)[None, :]
   logits, _ = forward(params, inp, ipos, imask, cache, config=config, remat=remat)
-  lp = obj.sequence_logprobs(logits, resp, rmask)
-  split = lambda i: obj.SeqLogProbs(*(x[i::2] for x in lp))
-  return split(0), split(1)
+  return _split(obj.sequence_logprobs(logits, resp, rmask), k)
 
 
 def response_logprobs_full(params, batch: PreferenceBatch, config: ModelConfig, remat: bool = False,
-                           with_prompt: bool = False):
-  """Returns (chosen, rejected[, chosen prompt+response]) SeqLogProbs by full backprop."""
+                           with_prompt: bool = False, with_rejected: bool = True):
+  """Returns (chosen, rejected[, chosen prompt+response]) SeqLogProbs by full backprop.
+
+  with_rejected=False: the rejected pass is skipped and the tuple starts (chosen, ...).
+  """
   ctx, cmask = batch.context_BxC, batch.context_mask_BxC
   b, c = ctx.shape
-  resp, rmask = _response_inputs(batch)
-  rep = lambda x: jnp.repeat(x, 2, axis=0)
+  k = 2 if with_rejected else 1  # continuations per context
+  resp, rmask = _response_inputs(batch, with_rejected)
+  rep = lambda x: jnp.repeat(x, k, axis=0)
   inp = jnp.concatenate([rep(ctx), resp[:, :-1]], axis=1)  # (2B, C + R − 1)
   imask = jnp.concatenate([rep(cmask), rmask[:, :-1]], axis=1)
   logits, _ = forward(params, inp, positions_from_mask(imask), imask, config=config, remat=remat)
-  lp = obj.sequence_logprobs(logits[:, c - 1 :], resp, rmask)
-  split = lambda x, i: obj.SeqLogProbs(*(y[i::2] for y in x))
-  chosen, rejected = split(lp, 0), split(lp, 1)
+  out = _split(obj.sequence_logprobs(logits[:, c - 1 :], resp, rmask), k)
   if not with_prompt:
-    return chosen, rejected
+    return out
   # Prompt tokens too (TRL's default for ORPO's NLL): logits at t predict context[t + 1].
-  plp = obj.sequence_logprobs(logits[0::2, : c - 1], ctx[:, 1:], cmask[:, :-1] * cmask[:, 1:])
+  chosen = out[0]
+  plp = obj.sequence_logprobs(logits[0::k, : c - 1], ctx[:, 1:], cmask[:, :-1] * cmask[:, 1:])
   both = obj.SeqLogProbs(chosen.sum_B + plp.sum_B, chosen.count_B + plp.count_B,
                          (chosen.sum_B + plp.sum_B) / jnp.maximum(chosen.count_B + plp.count_B, 1.0))
-  return chosen, rejected, both
+  return out + (both,)
 
 
-def response_logprobs(params, batch, config, gradient_mode, remat=False):
+def response_logprobs(params, batch, config, gradient_mode, remat=False, with_rejected=True):
+  """Returns (chosen, rejected) SeqLogProbs in a gradient mode; (chosen,) with with_rejected=False."""
   if gradient_mode == "frozen":
-    return response_logprobs_frozen(params, batch, config, remat)
+    return response_logprobs_frozen(params, batch, config, remat, with_rejected)
   if gradient_mode == "full":
-    return response_logprobs_full(params, batch, config, remat)
+    return response_logprobs_full(params, batch, config, remat, with_rejected=with_rejected)
   raise ValueError(f"gradient_mode must be one of {GRADIENT_MODES}, got {gradient_mode!r}")
 
 
@@ -117,16 +133,22 @@ def response_logprobs(params, batch, config, gradient_mode, remat=False):
 
 def example_logprobs(params, batch: PreferenceBatch, *, config: ModelConfig, objective: str, gradient_mode: str,
                      ref_params=None, remat: bool = False, nll_on_prompt: bool = False, compute_dtype=None) -> dict:
-  """Returns the per-example log-prob statistics a loss needs: {'chosen', 'rejected'[, 'nll', 'ref_*']}."""
+  """Returns the per-example log-prob statistics a loss needs: {'chosen'[, 'rejected', 'nll', 'ref_*']}.
+
+  SFT reads only the chosen responses: for objective 'sft' the rejected pass is skipped (no key
+  'rejected'), which halves the response (full mode: the whole) forward and backward.
+  """
   cast = (lambda p: jax.tree.map(lambda x: x.astype(compute_dtype), p)) if compute_dtype else (lambda p: p)
   p = cast(params)
   out = {}
+  names = ("chosen",) if objective == "sft" else ("chosen", "rejected")
   if nll_on_prompt:
     if gradient_mode != "full":
       raise ValueError("nll_on_prompt needs gradient_mode='full' (a frozen context takes no gradient)")
-    out["chosen"], out["rejected"], out["nll"] = response_logprobs_full(p, batch, config, remat, with_prompt=True)
+    lps = response_logprobs_full(p, batch, config, remat, with_prompt=True, with_rejected=len(names) == 2)
+    out.update(zip(names + ("nll",), lps))
   else:
-    out["chosen"], out["rejected"] = response_logprobs(p, batch, config, gradient_mode, remat)
+    out.update(zip(names, response_logprobs(p, batch, config, gradient_mode, remat, with_rejected=len(names) == 2)))
   if obj.needs_reference(objective):
     if ref_params is None:
       raise ValueError(f"objective {objective!r} needs ref_params (a frozen reference model)")
@@ -142,7 +164,7 @@ def loss_from_logprobs(lp: dict, is_preference_B, *, objective: str, objective_k
   fractions of the batch's examples in each group.
   """
   kw = dict(objective_kwargs or {})
-  chosen, rejected = lp["chosen"], lp["rejected"]
+  chosen, rejected = lp["chosen"], lp.get("rejected")
   w_pref = is_preference_B.astype(jnp.float32)
   w_gen = 1.0 - w_pref
   if objective == "sft":
@@ -159,7 +181,8 @@ def loss_from_logprobs(lp: dict, is_preference_B, *, objective: str, objective_k
   f_pref, f_gen = jnp.sum(w_pref) / n, jnp.sum(w_gen) / n
   loss = f_pref * pref_loss + f_gen * gen_loss
   metrics = dict(metrics, **{"loss": loss, "loss/preference": pref_loss, "loss/general": gen_loss,
-                             "tokens": jnp.sum(chosen.count_B) + jnp.sum(rejected.count_B * w_pref)})
+                             "tokens": jnp.sum(chosen.count_B) + (0.0 if rejected is None else
+                                                                  jnp.sum(rejected.count_B * w_pref))})
   return loss, metrics
 
 
