@@ -40,6 +40,7 @@ F.DEFINE_enum("schedule", _D.schedule, list(loop.SCHEDULES), "Learning-rate sche
 F.DEFINE_integer("warmup_steps", _D.warmup_steps, "Linear warmup steps.")
 F.DEFINE_integer("batch_size", _D.batch_size, "Examples per step (preference + general).")
 F.DEFINE_integer("grad_accum", _D.grad_accum, "Micro-batches per step (exact large-batch gradient).")
+F.DEFINE_float("dropout", _D.dropout, "Residual dropout while training (attention and MLP outputs), in [0, 1).")
 F.DEFINE_integer("max_context_len", _D.max_context_len, "Context tokens kept (cut from the left).")
 F.DEFINE_integer("max_response_len", _D.max_response_len, "Response tokens kept (cut from the right).")
 F.DEFINE_enum("overlong", _D.overlong, ["truncate", "drop"], "What to do with over-long examples.")

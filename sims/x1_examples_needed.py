@@ -56,26 +56,27 @@ ARMS["untargeted_200"] = (max(NS), "untargeted", TARGET)
 
 
 @functools.lru_cache(maxsize=None)
-def _indexed_fn(config, steps: int, batch_size: int, optimizer: str, objective: str):
+def _indexed_fn(config, steps: int, batch_size: int, optimizer: str, objective: str, dropout: float = 0.0):
   """Returns jit(vmap_A(vmap_S(one))): fine-tunes [A, S] models; every argument has axes [A, S]."""
 
-  def one(params, pool, idx_TxB, active, lr, restart):
+  def one(params, pool, idx_TxB, active, lr, restart, rng):
     opt = W.OPTIMIZERS[optimizer](lr)
-    step_fn = make_train_step(config, objective, opt, "full", donate=False)
+    step_fn = make_train_step(config, objective, opt, "full", donate=False, dropout=dropout)
+    init_train_state_ = lambda p: init_train_state(p, opt).replace(rng=rng)  # rng: the dropout masks' key
 
     def body(carry, xs):
       state, snap = carry
       t, idx_B = xs
       again = t == restart  # a new fine-tuning job from the current params: snapshot, fresh optimizer
       snap = jax.tree.map(lambda a, b: jnp.where(again, a, b), state.params, snap)
-      state = jax.tree.map(lambda a, b: jnp.where(again, a, b), init_train_state(state.params, opt), state)
+      state = jax.tree.map(lambda a, b: jnp.where(again, a, b), init_train_state_(state.params), state)
       norm = optax.tree.norm(state.params)
       new, metrics = step_fn(state, jax.tree.map(lambda x: x[idx_B], pool))
       on = t < active
       state = jax.tree.map(lambda a, b: jnp.where(on, a, b), new, state)
       return (state, snap), jnp.where(on, metrics["update_norm"] / norm, jnp.nan)
 
-    (state, snap), rel_T = jax.lax.scan(body, (init_train_state(params, opt), params),
+    (state, snap), rel_T = jax.lax.scan(body, (init_train_state_(params), params),
                                         (jnp.arange(steps), idx_TxB))
     return state.params, snap, rel_T
 
@@ -83,7 +84,7 @@ def _indexed_fn(config, steps: int, batch_size: int, optimizer: str, objective: 
 
 
 def indexed_finetune(config, params_AxS, pool_AxS, idx_AxSxTxB, active_AxS, lr_AxS, restart_AxS=None, *,
-                     optimizer: str = "apollo", objective: str = "orpo"):
+                     optimizer: str = "apollo", objective: str = "orpo", dropout: float = 0.0, rng_AxS=None):
   """Returns (params [A, S, ...], snapshot [A, S, ...], rel_update [A, S, T]): A arms × S seeds, one call.
 
   Model (a, s) starts from params_AxS[a, s] and takes T project train steps (`make_train_step`,
@@ -93,14 +94,17 @@ def indexed_finetune(config, params_AxS, pool_AxS, idx_AxSxTxB, active_AxS, lr_A
   fine-tuning job continues from them (e.g. a recovery phase on other index-table rows).
   rel_update is ||Δθ_t|| / ||θ_t|| per step, NaN for frozen steps. Index tables, pools, counts and
   lrs are traced: arms that differ only in them share one compilation (per T, batch size,
-  optimizer, objective and shapes).
+  optimizer, objective, dropout and shapes). dropout: the train step's residual dropout rate;
+  model (a, s) draws its masks from rng_AxS[a, s] (PRNG keys [A, S, 2]; default PRNGKey(0) for all).
   """
   a, s, steps, batch_size = idx_AxSxTxB.shape
   restart_AxS = np.full((a, s), steps) if restart_AxS is None else restart_AxS
-  fn = _indexed_fn(config, int(steps), int(batch_size), optimizer, objective)
+  if rng_AxS is None:
+    rng_AxS = jnp.broadcast_to(jax.random.PRNGKey(0), (a, s, 2))
+  fn = _indexed_fn(config, int(steps), int(batch_size), optimizer, objective, float(dropout))
   i32 = lambda x: jnp.asarray(x, jnp.int32)
   return fn(params_AxS, pool_AxS, i32(idx_AxSxTxB), i32(active_AxS), jnp.asarray(lr_AxS, jnp.float32),
-            i32(restart_AxS))
+            i32(restart_AxS), rng_AxS)
 
 
 def tile_AxS(tree, a: int, s: int, seeds_first: bool = True):

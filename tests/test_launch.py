@@ -251,3 +251,10 @@ def test_chat_format_tokenisation(tmp_path):
   assert len(t.context) == 5 and tok.decode(t.context).endswith("END") and stats.context_truncated == 1
   assert tok_lib.encode_preference(long, tok, 5, 100, overlong="drop", stats=stats) is None
   assert stats.dropped_overlong == 1
+
+
+def test_bad_dropout_is_named_and_nothing_is_written(tmp_path):
+  run_dir = tmp_path / "run"
+  with pytest.raises(loop.RunError, match=r"--dropout: must be in \[0, 1\), got 1.5"):
+    loop.run(loop.RunConfig(run_dir=str(run_dir), dropout=1.5))
+  assert not run_dir.exists()

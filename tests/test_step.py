@@ -147,6 +147,31 @@ def test_sft_skips_the_rejected_pass_with_the_same_loss_and_gradient(mode):
   assert float(loss2) == float(loss)
 
 
+@pytest.mark.parametrize("mode", ["frozen", "full"])
+def test_dropout_step_uses_a_per_step_key_and_is_off_at_zero(mode):
+  cfg, params = setup("qwen3-tiny")
+  batch = make_batch(cfg, 5, b=4, general=1)
+  opt = optax.sgd(1e-2)
+  state = step_lib.init_train_state(params, opt, seed=3)
+  plain = step_lib.make_train_step(cfg, "orpo", opt, mode, donate=False)
+  drop = step_lib.make_train_step(cfg, "orpo", opt, mode, donate=False, dropout=0.25)
+  _, m0 = plain(state, batch)
+  _, m1 = drop(state, batch)
+  _, m1b = drop(state, batch)
+  _, m2 = drop(state.replace(step=state.step + 1), batch)
+  assert float(m1["loss"]) == float(m1b["loss"])  # reproducible: the key is fold_in(rng, step)
+  assert len({float(m0["loss"]), float(m1["loss"]), float(m2["loss"])}) == 3
+  key = jax.random.fold_in(state.rng, state.step)  # a second path: batch_loss with that key
+  want, _ = step_lib.batch_loss(params, batch, config=cfg, objective="orpo", gradient_mode=mode,
+                                dropout=(0.25, key))
+  np.testing.assert_allclose(m1["loss"], want, rtol=1e-5)
+  acc = step_lib.make_train_step(cfg, "orpo", opt, mode, donate=False, dropout=0.25, grad_accum=2)
+  _, ma = acc(state, batch)
+  assert np.isfinite(float(ma["loss"])) and float(ma["loss"]) != float(m1["loss"])
+  with pytest.raises(ValueError, match="dropout"):
+    step_lib.make_train_step(cfg, "orpo", opt, mode, dropout=1.0)
+
+
 @pytest.mark.parametrize("objective", ["sft", "dpo", "dpop"])
 def test_other_objectives_plug_in(objective):
   cfg, params = setup("qwen3-tiny" if objective != "dpo" else "qwen3_5-tiny")

@@ -82,6 +82,17 @@ def mlp(p: Params, x: jax.Array) -> jax.Array:
   return (jax.nn.silu(x @ p["gate_proj"]) * (x @ p["up_proj"])) @ p["down_proj"]
 
 
+def dropout(x: jax.Array, rate: float, key: Optional[jax.Array]) -> jax.Array:
+  """Returns inverted dropout of x: each entry zeroed with probability `rate`, the rest scaled by
+  1 / (1 − rate), so E[dropout(x)] = x (Srivastava et al. 2014). rate 0 or key None: x itself."""
+  if not rate or key is None:
+    return x
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
 def stop_gradient_where(x_BxTx___: jax.Array, frozen_BxT: Optional[jax.Array]) -> jax.Array:
   """Returns x with `stop_gradient` at the (b, t) positions where frozen_BxT is true."""
   if frozen_BxT is None:
@@ -165,16 +176,17 @@ def gated_deltanet(p, x_BxTxD, mask_BxT, layer_cache: Optional[DeltaNetCache], c
   return out, new_cache
 
 
-def _layer(p, kind, x, cos, sin, mask, layer_cache, slots, config, frozen=None):
+def _layer(p, kind, x, cos, sin, mask, layer_cache, slots, config, frozen=None, rate=0.0, key=None):
   zc, eps = config.norm_zero_centered, config.rms_norm_eps
+  keys = jax.random.split(key) if rate and key is not None else (None, None)
   h = rms_norm(x, p["input_norm"], eps, zc)
   if kind == FULL:
     out, new_cache = attention(p["attn"], h, cos, sin, mask, layer_cache, slots, config, frozen)
   else:
     out, new_cache = gated_deltanet(p["linear_attn"], h, mask, layer_cache, config, frozen)
-  x = x + out
+  x = x + dropout(out, rate, keys[0])
   mlp_in = rms_norm(x, p["post_attention_norm"], eps, zc)
-  x = x + mlp(p["mlp"], mlp_in)
+  x = x + dropout(mlp(p["mlp"], mlp_in), rate, keys[1])
   return stop_gradient_where(x, frozen), new_cache, mlp_in
 
 
@@ -190,6 +202,8 @@ def forward(
     return_hidden: bool = False,
     return_mlp_inputs: bool = False,
     stop_gradient_BxT: Optional[jax.Array] = None,
+    dropout_rate: float = 0.0,
+    dropout_key: Optional[jax.Array] = None,
 ):
   """Returns (logits_BxTxV, cache) — or (logits, cache, hidden) with return_hidden.
 
@@ -214,6 +228,9 @@ def forward(
       every layer: their residual stream, attention keys/values, DeltaNet conv inputs, beta and g.
       A full-sequence pass with the context (all but its last token) masked has exactly the
       gradient of the train step's frozen mode: the reference that mode is tested against.
+    dropout_rate, dropout_key: training-time residual dropout (GPT-2's resid_pdrop): every
+      attention / DeltaNet and MLP output is dropped (`dropout`) before it joins the residual
+      stream, with a key per layer and branch folded from dropout_key. 0 or no key: off.
   """
   b, t = tokens_BxT.shape
   mask = mask_BxT.astype(bool)
@@ -227,12 +244,16 @@ def forward(
     slots = (valid, jnp.arange(cache.capacity), end + jnp.arange(t), end)
   else:
     slots = (mask, jnp.arange(t), jnp.arange(t), 0)
-  layer_fn = jax.checkpoint(_layer, static_argnums=(1, 8)) if remat else _layer
+  layer_fn = jax.checkpoint(_layer, static_argnums=(1, 8, 10)) if remat else _layer
+  if not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+  dropping = bool(dropout_rate) and dropout_key is not None
   new_layers, hidden, mlp_inputs = [], [], []
   for i, (kind, p) in enumerate(zip(config.layer_types, params["layers"])):
     hidden.append(x)
+    drop = (float(dropout_rate), jax.random.fold_in(dropout_key, i)) if dropping else (0.0, None)
     x, lc, mlp_in = layer_fn(p, kind, x, cos, sin, mask, cache.layers[i] if cache is not None else None, slots, config,
-                     stop_gradient_BxT)
+                             stop_gradient_BxT, *drop)
     new_layers.append(lc)
     mlp_inputs.append(mlp_in)
   hidden.append(x)

@@ -77,6 +77,7 @@ class RunConfig:
   warmup_steps: int = 0
   batch_size: int = 8
   grad_accum: int = 1
+  dropout: float = 0.0  # residual dropout while training (0: off, the usual for LLM fine-tuning)
   max_context_len: int = 1024
   max_response_len: int = 256
   overlong: str = "truncate"  # or 'drop'
@@ -129,6 +130,8 @@ def validate(cfg: RunConfig) -> None:
     raise RunError(f"--general_ratio: must be in [0, 1), got {cfg.general_ratio}")
   if cfg.lr is not None and not cfg.lr > 0:
     raise RunError(f"--lr: must be > 0, got {cfg.lr}")
+  if not 0.0 <= cfg.dropout < 1.0:
+    raise RunError(f"--dropout: must be in [0, 1), got {cfg.dropout}")
   if cfg.batch_size % cfg.grad_accum:
     raise RunError(f"--batch_size {cfg.batch_size} is not divisible by --grad_accum {cfg.grad_accum}")
   if cfg.objective in ("dpo", "dpop") and cfg.general_ratio > 0:
@@ -358,7 +361,7 @@ def run(cfg: RunConfig) -> dict:
   step_fn = step_lib.make_train_step(
       config, cfg.objective, optimizer, cfg.gradient_mode, mesh=mesh,
       objective_kwargs={"beta": cfg.beta}, remat=cfg.remat, compute_dtype=jnp.bfloat16 if cfg.bf16 else None,
-      grad_accum=cfg.grad_accum, skip_nonfinite=True, grad_stats=True)
+      grad_accum=cfg.grad_accum, skip_nonfinite=True, grad_stats=True, dropout=cfg.dropout)
   ref = base_params if cfg.objective in ("dpo", "dpop") else None
 
   status, step, last_metrics, figures = "finished", start, {}, {}

@@ -65,10 +65,11 @@ def _split(lp: obj.SeqLogProbs, k: int):
 
 
 def response_logprobs_frozen(params, batch: PreferenceBatch, config: ModelConfig, remat: bool = False,
-                             with_rejected: bool = True):
+                             with_rejected: bool = True, dropout=(0.0, None)):
   """Returns (chosen, rejected) SeqLogProbs with the context frozen (see module docstring).
 
   with_rejected=False: (chosen,) only, the rejected pass skipped (SFT has no use for it).
+  dropout: (rate, key) for the response pass; the frozen context is encoded as at inference.
   """
   ctx, cmask = batch.context_BxC, batch.context_mask_BxC
   b, c = ctx.shape
@@ -89,15 +90,17 @@ def response_logprobs_frozen(params, batch: PreferenceBatch, config: ModelConfig
   imask = jnp.concatenate([jnp.ones((k * b, 1), rmask.dtype), rmask[:, :-1]], axis=1)
   n_ctx = jnp.sum(cmask, axis=1)
   ipos = rep(n_ctx - 1)[:, None] + jnp.arange(r)[None, :]
-  logits, _ = forward(params, inp, ipos, imask, cache, config=config, remat=remat)
+  logits, _ = forward(params, inp, ipos, imask, cache, config=config, remat=remat, dropout_rate=dropout[0],
+                      dropout_key=dropout[1])
   return _split(obj.sequence_logprobs(logits, resp, rmask), k)
 
 
 def response_logprobs_full(params, batch: PreferenceBatch, config: ModelConfig, remat: bool = False,
-                           with_prompt: bool = False, with_rejected: bool = True):
+                           with_prompt: bool = False, with_rejected: bool = True, dropout=(0.0, None)):
   """Returns (chosen, rejected[, chosen prompt+response]) SeqLogProbs by full backprop.
 
   with_rejected=False: the rejected pass is skipped and the tuple starts (chosen, ...).
+  dropout: (rate, key) of training-time residual dropout (`dreamjax.model.decoder.dropout`).
   """
   ctx, cmask = batch.context_BxC, batch.context_mask_BxC
   b, c = ctx.shape
@@ -106,7 +109,8 @@ def response_logprobs_full(params, batch: PreferenceBatch, config: ModelConfig, 
   rep = lambda x: jnp.repeat(x, k, axis=0)
   inp = jnp.concatenate([rep(ctx), resp[:, :-1]], axis=1)  # (2B, C + R − 1)
   imask = jnp.concatenate([rep(cmask), rmask[:, :-1]], axis=1)
-  logits, _ = forward(params, inp, positions_from_mask(imask), imask, config=config, remat=remat)
+  logits, _ = forward(params, inp, positions_from_mask(imask), imask, config=config, remat=remat,
+                      dropout_rate=dropout[0], dropout_key=dropout[1])
   out = _split(obj.sequence_logprobs(logits[:, c - 1 :], resp, rmask), k)
   if not with_prompt:
     return out
@@ -118,12 +122,12 @@ def response_logprobs_full(params, batch: PreferenceBatch, config: ModelConfig, 
   return out + (both,)
 
 
-def response_logprobs(params, batch, config, gradient_mode, remat=False, with_rejected=True):
+def response_logprobs(params, batch, config, gradient_mode, remat=False, with_rejected=True, dropout=(0.0, None)):
   """Returns (chosen, rejected) SeqLogProbs in a gradient mode; (chosen,) with with_rejected=False."""
   if gradient_mode == "frozen":
-    return response_logprobs_frozen(params, batch, config, remat, with_rejected)
+    return response_logprobs_frozen(params, batch, config, remat, with_rejected, dropout)
   if gradient_mode == "full":
-    return response_logprobs_full(params, batch, config, remat, with_rejected=with_rejected)
+    return response_logprobs_full(params, batch, config, remat, with_rejected=with_rejected, dropout=dropout)
   raise ValueError(f"gradient_mode must be one of {GRADIENT_MODES}, got {gradient_mode!r}")
 
 
@@ -132,11 +136,13 @@ def response_logprobs(params, batch, config, gradient_mode, remat=False, with_re
 
 
 def example_logprobs(params, batch: PreferenceBatch, *, config: ModelConfig, objective: str, gradient_mode: str,
-                     ref_params=None, remat: bool = False, nll_on_prompt: bool = False, compute_dtype=None) -> dict:
+                     ref_params=None, remat: bool = False, nll_on_prompt: bool = False, compute_dtype=None,
+                     dropout=(0.0, None)) -> dict:
   """Returns the per-example log-prob statistics a loss needs: {'chosen'[, 'rejected', 'nll', 'ref_*']}.
 
   SFT reads only the chosen responses: for objective 'sft' the rejected pass is skipped (no key
   'rejected'), which halves the response (full mode: the whole) forward and backward.
+  dropout: (rate, key) for the policy's passes; the reference model runs without it.
   """
   cast = (lambda p: jax.tree.map(lambda x: x.astype(compute_dtype), p)) if compute_dtype else (lambda p: p)
   p = cast(params)
@@ -145,10 +151,12 @@ def example_logprobs(params, batch: PreferenceBatch, *, config: ModelConfig, obj
   if nll_on_prompt:
     if gradient_mode != "full":
       raise ValueError("nll_on_prompt needs gradient_mode='full' (a frozen context takes no gradient)")
-    lps = response_logprobs_full(p, batch, config, remat, with_prompt=True, with_rejected=len(names) == 2)
+    lps = response_logprobs_full(p, batch, config, remat, with_prompt=True, with_rejected=len(names) == 2,
+                                 dropout=dropout)
     out.update(zip(names + ("nll",), lps))
   else:
-    out.update(zip(names, response_logprobs(p, batch, config, gradient_mode, remat, with_rejected=len(names) == 2)))
+    out.update(zip(names, response_logprobs(p, batch, config, gradient_mode, remat, with_rejected=len(names) == 2,
+                                            dropout=dropout)))
   if obj.needs_reference(objective):
     if ref_params is None:
       raise ValueError(f"objective {objective!r} needs ref_params (a frozen reference model)")
@@ -188,10 +196,11 @@ def loss_from_logprobs(lp: dict, is_preference_B, *, objective: str, objective_k
 
 def batch_loss(params, batch: PreferenceBatch, *, config: ModelConfig, objective: str, gradient_mode: str,
                objective_kwargs: Optional[dict] = None, ref_params=None, remat: bool = False,
-               nll_on_prompt: bool = False, compute_dtype=None):
+               nll_on_prompt: bool = False, compute_dtype=None, dropout=(0.0, None)):
   """Returns (loss, metrics) of a batch (see `loss_from_logprobs`)."""
   lp = example_logprobs(params, batch, config=config, objective=objective, gradient_mode=gradient_mode,
-                        ref_params=ref_params, remat=remat, nll_on_prompt=nll_on_prompt, compute_dtype=compute_dtype)
+                        ref_params=ref_params, remat=remat, nll_on_prompt=nll_on_prompt, compute_dtype=compute_dtype,
+                        dropout=dropout)
   return loss_from_logprobs(lp, batch.is_preference_B, objective=objective, objective_kwargs=objective_kwargs)
 
 
@@ -209,7 +218,14 @@ def accumulated_value_and_grad(params, batch: PreferenceBatch, grad_accum: int, 
     raise ValueError(f"batch size {b} is not divisible by grad_accum {grad_accum}")
   micro = jax.tree.map(lambda x: x.reshape(grad_accum, b // grad_accum, *x.shape[1:]), batch)
   objective, objective_kwargs = kw["objective"], kw.pop("objective_kwargs", None)
-  lp_fn = lambda p, mb: example_logprobs(p, mb, ref_params=ref_params, **kw)
+  rate, key = kw.pop("dropout", (0.0, None))
+
+  def lp_fn(p, mb_i):  # micro-batch i drops with fold_in(key, i), the same mask in both passes
+    mb, i = mb_i
+    drop = (rate, jax.random.fold_in(key, i)) if key is not None else (rate, None)
+    return example_logprobs(p, mb, ref_params=ref_params, dropout=drop, **kw)
+
+  micro = (micro, jnp.arange(grad_accum))
   lp_micro = jax.lax.map(lambda mb: lp_fn(params, mb), micro)
   lp_all = jax.tree.map(lambda x: x.reshape(b, *x.shape[2:]), lp_micro)
   (loss, metrics), lp_bar = jax.value_and_grad(
@@ -245,6 +261,7 @@ def make_train_step(
     donate: bool = True,
     skip_nonfinite: bool = False,
     grad_stats: bool = False,
+    dropout: float = 0.0,
 ) -> Callable:
   """Returns a jitted `(state, batch[, ref_params]) -> (state, metrics)`.
 
@@ -257,20 +274,26 @@ def make_train_step(
     nll_on_prompt: ORPO's NLL also covers prompt tokens (TRL's default; full mode only).
     grad_accum: split the batch into this many micro-batches (exactly the large-batch gradient;
       see `accumulated_value_and_grad`).
+    dropout: residual dropout rate while training (`dreamjax.model.decoder.dropout`); the mask's key
+      is fold_in(state.rng, state.step), so a step is reproducible. Frozen mode drops only in the
+      response pass (the context is encoded as at inference); the reference model never drops.
     skip_nonfinite: a step whose loss or gradient norm is NaN/Inf keeps the old params and
       optimizer state (the step counter still advances; metrics['skipped'] = 1).
     grad_stats: add per-layer gradient norms (float32, per-row; `monitor.layer_grad_norms`).
   """
   if gradient_mode not in GRADIENT_MODES:
     raise ValueError(f"gradient_mode must be one of {GRADIENT_MODES}, got {gradient_mode!r}")
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f"dropout must be in [0, 1), got {dropout}")
   kw = dict(config=config, objective=objective, gradient_mode=gradient_mode, objective_kwargs=objective_kwargs,
             remat=remat, nll_on_prompt=nll_on_prompt, compute_dtype=compute_dtype)
 
   def step(state: TrainState, batch: PreferenceBatch, ref_params=None):
+    skw = dict(kw, dropout=(float(dropout), jax.random.fold_in(state.rng, state.step))) if dropout else kw
     if grad_accum > 1:
-      (loss, metrics), grads = accumulated_value_and_grad(state.params, batch, grad_accum, ref_params, **kw)
+      (loss, metrics), grads = accumulated_value_and_grad(state.params, batch, grad_accum, ref_params, **skw)
     else:
-      (loss, metrics), grads = jax.value_and_grad(functools.partial(batch_loss, **kw), has_aux=True)(
+      (loss, metrics), grads = jax.value_and_grad(functools.partial(batch_loss, **skw), has_aux=True)(
           state.params, batch, ref_params=ref_params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
