@@ -22,7 +22,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Base seed for the simulations' PRNG key
 _REPS = flags.DEFINE_integer("bootstrap_reps", 2000, "Bootstrap replicates per interval.",
                              lower_bound=100)
 _FIGURES = flags.DEFINE_boolean("figures", True, "Draw PNG figures (needs matplotlib).")
-_JOBS = flags.DEFINE_integer("jobs", 3, "Simulations run at once (threads; one compiles while another computes). "
+_JOBS = flags.DEFINE_integer("jobs", 2, "Simulations run at once (threads; one compiles while another computes). "
                              "Their numbers do not depend on it.", lower_bound=1)
 _LIST = flags.DEFINE_boolean("list", False, "List the simulations and exit.")
 
