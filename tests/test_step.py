@@ -213,8 +213,9 @@ def _one_device_reference(name, steps):
   return _train(cfg, params, batches, None, opt)
 
 
-@pytest.mark.parametrize("name,shape,steps", [("qwen3-tiny", (8, 1), 3), ("qwen3-tiny", (2, 4), 3),
-                                              ("qwen3-tiny", (1, 8), 3), ("qwen3_5-tiny", (2, 4), 2)])
+# (8, 1), pure data parallelism, is the data axis of (2, 4) alone; left out to keep the suite short.
+@pytest.mark.parametrize("name,shape,steps", [("qwen3-tiny", (2, 4), 3), ("qwen3-tiny", (1, 8), 3),
+                                              ("qwen3_5-tiny", (2, 4), 2)])
 def test_sharded_step_matches_one_device(name, shape, steps):
   assert jax.device_count() == 8, "tests run on 8 fake CPU devices (tests/conftest.py)"
   cfg, params, batches, opt = _sharding_case(name, steps)
