@@ -261,8 +261,7 @@ def forward(
   head = params["embed"].T if config.tie_embeddings else params["lm_head"]
   logits = x @ head
   new_cache = Cache(tuple(new_layers), slots[0], cache.end + t) if cache is not None else None
-  out = (logits, new_cache) + ((hidden,) if return_hidden else ()) + ((mlp_inputs,) if return_mlp_inputs else ())
-  return out
+  return (logits, new_cache) + ((hidden,) if return_hidden else ()) + ((mlp_inputs,) if return_mlp_inputs else ())
 
 
 def prefill(params, tokens_BxT, positions_BxT, mask_BxT, *, config: ModelConfig, capacity: int, dtype=None):
