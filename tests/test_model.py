@@ -183,7 +183,10 @@ def test_broadcast_cache_serves_k_continuations(name):
   full_toks = jnp.concatenate([jnp.repeat(ctx, k, axis=0), cont], axis=1)
   ones = jnp.ones_like(full_toks)
   want, _ = fwd(cfg)(params, full_toks, M.positions_from_mask(ones), ones)
-  np.testing.assert_allclose(got, want[:, 11:], atol=1e-5, rtol=1e-5)
+  # Two float32 paths (chunked prefill + recurrent continuation vs one chunked pass) differ by
+  # round-off that depends on the CPU's vector width (seen: 1.4e-5 on a logit of 0.088); a cache
+  # served to the wrong continuation moves them by O(1) (the cache tiled instead of repeated: 1.8).
+  np.testing.assert_allclose(got, want[:, 11:], atol=5e-5, rtol=1e-4)
 
 
 def test_gradient_flows_through_cached_continuation():
