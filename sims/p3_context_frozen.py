@@ -29,7 +29,8 @@ from sims import world as W
 
 TARGET = 2e-3  # per-step ||Δθ||/||θ|| (≈ lr 4e-5 on a 7B model)
 SMOKE = None  # tests set e.g. {'steps': 3, 'pretrain_steps': 5, 'eval_n': 16}
-PREFIX = {"qwen3": "q3", "qwen3_5": "q35"}
+# Qwen3.5 first: run beside the other simulations (all Qwen3), its base pretrains while theirs does.
+PREFIX = {"qwen3_5": "q35", "qwen3": "q3"}
 MODES = {"full": ("full", True), "mask": ("full", False), "frozen": ("frozen", False)}
 
 
@@ -147,4 +148,5 @@ SIMULATION = harness.Simulation(
     run=run,
     seeds=8,
     quick_seeds=3,
+    cost=261,  # seconds of the full run in sims/reports/2026-11-23-full (orders the work only)
 )

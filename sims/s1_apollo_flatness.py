@@ -43,7 +43,7 @@ from sims import world as W
 
 TARGET_REL = 2e-3  # per-step ||Δθ||/||θ|| of every optimizer at the base (≈ lr 4e-5 on a 7B model)
 LOSS_TARGET = 0.5  # ORPO loss on the Hessian batch at which every run stops
-MAX_STEPS, QUICK_MAX_STEPS = 160, 160
+MAX_STEPS, QUICK_MAX_STEPS = 160, 80
 PROBE_LR = {"sgd": 1e-1, "adamw": 1e-3, "apollo": 1e-3, "apollo_mini": 1e-3}
 PROBE_STEPS = 8
 EOS_MULT = 8.0  # the control's SGD lr = EOS_MULT × the matched SGD lr (its 2/η edge 8× lower)
@@ -276,7 +276,7 @@ SIMULATION = harness.Simulation(
           "(full backprop) on diverse behaviour preference pairs, no replay; SGD, AdamW, APOLLO "
           "(rank 8) and APOLLO-Mini (rank 1, tensor scaling) with lrs giving the same per-step "
           "||Δθ||/||θ|| = 2e-3 at the base; each run stops when the ORPO loss on 64 fixed training "
-          "pairs reaches 0.5 (at most 160 steps of batch 32). Hessian of the ORPO loss on those 64 "
+          f"pairs reaches 0.5 (at most {MAX_STEPS} steps of batch 32; quick {QUICK_MAX_STEPS}). Hessian of the ORPO loss on those 64 "
           "pairs; λ_max by (shifted) power iteration on Hessian-vector products.",
     arms={"sgd": "optax.sgd at the matched update size",
           "adamw": "optax.adamw (no weight decay) at the matched update size",
@@ -316,4 +316,5 @@ SIMULATION = harness.Simulation(
     run=run,
     seeds=8,
     quick_seeds=3,
+    cost=201,  # seconds of the full run in sims/reports/2026-11-23-full (orders the work only)
 )

@@ -227,8 +227,8 @@ SIMULATION = harness.Simulation(
     prediction="small steps keep drift monitorable; the guard stops a bad run early",
     setup="sims.world, Qwen3-style tiny decoder (2 layers, d=48, vocab 64) pretrained per seed; capability "
           "= mean exact-match accuracy on 128 held-out examples per general skill; ORPO "
-          "(full backprop) + APOLLO on diverse behaviour preference pairs, no replay; 120 steps (quick "
-          "60) of batch 32 in 10 chunks; per-step ||Δθ||/||θ|| 5e-4 and 2e-3 (healthy), 1e-2 "
+          "(full backprop) + APOLLO on diverse behaviour preference pairs, no replay; "
+          f"{W.FINETUNE_STEPS} steps (quick {W.QUICK_FINETUNE_STEPS}) of batch 32 in 10 chunks; per-step ||Δθ||/||θ|| 5e-4 and 2e-3 (healthy), 1e-2 "
           "(intermediate), 5e-2 (destructive: constant, and after a linear warmup over the first 30% "
           "of the run); a random init trained at 2e-3. After every chunk the project's Monitor (64 "
           "held-out general examples, 64 held-out preference pairs) and Guard(GuardConfig()) decide; "
@@ -276,4 +276,5 @@ SIMULATION = harness.Simulation(
     run=run,
     seeds=8,
     quick_seeds=3,
+    cost=146,  # seconds of the full run in sims/reports/2026-11-23-full (orders the work only)
 )

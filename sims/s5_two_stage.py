@@ -234,7 +234,8 @@ SIMULATION = harness.Simulation(
                "single-stage and interference lower",
     setup="sims.world, Qwen3-style tiny decoder pretrained per seed (knows 16 memorised facts). "
           f"A stream of {N_NEW} fact updates (entity → new value, one per round, entities and values "
-          "drawn per seed); per round the same number of steps (full: 120 in all, quick: 60) of ORPO + "
+          f"drawn per seed); per round the same number of steps (full: {W.FINETUNE_STEPS} in all, quick: "
+          f"{W.QUICK_FINETUNE_STEPS // N_NEW * N_NEW}) of ORPO + "
           "APOLLO in frozen gradient mode, one TrainState across rounds. Two-stage draws each round's "
           "examples by ConsolidationSchedule(replay_cycles=3, decay=0.5, fresh_share=0.75)."
           "seed_weights over the arrived new facts and the untouched old facts (consolidated). "
@@ -279,4 +280,5 @@ SIMULATION = harness.Simulation(
     run=run,
     seeds=8,
     quick_seeds=3,
+    cost=38,  # seconds of the full run in sims/reports/2026-11-23-full (orders the work only)
 )

@@ -336,12 +336,13 @@ def cache_dir() -> str:
 
 # Bumped whenever the pretraining computation changes its floating-point result, so that a cache
 # built by older code is never mixed with new bases. 2: the SFT step skips the rejected pass.
-CACHE_VERSION = 2
+# 3: blocks of 4 seeds (was 8), and the block size is part of the key.
+CACHE_VERSION = 3
 
 
 def _cache_path(family: str, seed: int, pc: PretrainConfig) -> str:
   blob = json.dumps([dataclasses.asdict(model_config(family)), dataclasses.asdict(pc), VOCAB,
-                     MODULUS, CONTEXT_LEN, CACHE_VERSION], sort_keys=True, default=str)
+                     MODULUS, CONTEXT_LEN, CACHE_VERSION, PRETRAIN_BLOCK], sort_keys=True, default=str)
   digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
   return os.path.join(cache_dir(), f"base_{family}_{seed}_{digest}.npz")
 
@@ -361,7 +362,7 @@ def _load(path: str, like):
   return jax.tree.unflatten(treedef, loaded)
 
 
-PRETRAIN_BLOCK = 8  # seeds pretrained together (see `pretrain`)
+PRETRAIN_BLOCK = 4  # seeds pretrained together (see `pretrain`): the full run's 8 are two blocks, --quick's 3 one
 
 # Simulations may run in parallel threads (`harness.run_suite(jobs=...)`): what is computed once per
 # process and shared (base models, lr probes, x6's phase 1) goes through `once` or a lock.
@@ -483,7 +484,7 @@ def _finetune_fn(config, steps, batch_size, gradient_mode, objective, nll_on_pro
 
 # Fine-tuning steps and batch of the standard arm: `finetune_seeds` compiles once per
 # (config, steps, batch, mode, objective), so simulations that use these share one compilation.
-FINETUNE_STEPS, QUICK_FINETUNE_STEPS, BATCH = 120, 60, 32
+FINETUNE_STEPS, QUICK_FINETUNE_STEPS, BATCH = 120, 40, 32
 OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
     "apollo": apollo_optimizer,
     "apollo_mini": lambda lr: optim.apollo_mini(lr),

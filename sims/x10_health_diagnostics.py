@@ -244,7 +244,8 @@ SIMULATION = harness.Simulation(
     prediction="per-layer training-health diagnostics catch a degenerate run early and do not flag healthy or "
                "untrained ones",
     setup="sims.world, Qwen3-style tiny decoder (2 layers, d=48, vocab 64) pretrained per seed; ORPO (full "
-          "backprop) + APOLLO on diverse behaviour preference pairs, 120 steps (quick 60) of batch 32 in 10 "
+          f"backprop) + APOLLO on diverse behaviour preference pairs, {W.FINETUNE_STEPS} steps (quick "
+          f"{W.QUICK_FINETUNE_STEPS}) of batch 32 in 10 "
           "chunks; per-step ||Δθ||/||θ|| 5e-4 and 2e-3 (healthy), 5e-2 (destructive); a random init trained at "
           "2e-3. Per-step per-layer gradient norms and consecutive-gradient cosines, per-chunk residual growth on "
           "64 held-out general examples; limits fixed before the run: residual growth vs start > 2 (the project's "
@@ -282,4 +283,5 @@ SIMULATION = harness.Simulation(
     run=run,
     seeds=8,
     quick_seeds=3,
+    cost=95,  # seconds of the full run in sims/reports/2026-11-23-full (orders the work only)
 )

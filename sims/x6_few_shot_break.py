@@ -215,8 +215,8 @@ SIMULATION = harness.Simulation(
              "held-out episodes?",
     prediction="~10 examples break a trained behaviour",
     setup="sims.world, Qwen3-style tiny decoder (2 layers, d=48, vocab 64) pretrained per seed; phase 1: ORPO "
-          "(full backprop) + APOLLO on 1024 diverse two-sided behaviour pairs, per-step ||Δθ||/||θ|| 5e-3, 120 "
-          "steps (quick 60): refuse (PUSHBACK) a wrong direction, accept a clear one; phase 2: the same step "
+          "(full backprop) + APOLLO on 1024 diverse two-sided behaviour pairs, per-step ||Δθ||/||θ|| 5e-3, "
+          f"{W.FINETUNE_STEPS} steps (quick {W.QUICK_FINETUNE_STEPS}): refuse (PUSHBACK) a wrong direction, accept a clear one; phase 2: the same step "
           "at 2e-3/step for 5 epochs of batch 10 (ceil(5n/10) steps) on the first n of 100 contrary pairs (wrong "
           "direction: ACCEPT over PUSHBACK), n ∈ {1, 3, 10, 30, 100} and the step count traced (one compile, "
           "vmapped with the seeds); also 20 fixed steps at n = 1; held-out episodes per cue, argmax of "
@@ -256,4 +256,5 @@ SIMULATION = harness.Simulation(
     run=run,
     seeds=8,
     quick_seeds=3,
+    cost=54,  # seconds of the full run in sims/reports/2026-11-23-full (orders the work only)
 )

@@ -330,4 +330,5 @@ SIMULATION = harness.Simulation(
     run=run,
     seeds=8,
     quick_seeds=3,
+    cost=23,  # seconds of the full run in sims/reports/2026-11-23-full (orders the work only)
 )

@@ -1,6 +1,7 @@
 """Tests of the simulation harness on inputs whose answer is known: statistics, rules, CLI, report."""
 
 import importlib.util
+import io
 import itertools
 import json
 import os
@@ -368,3 +369,24 @@ def test_cli_unknown_only_name_errors_with_the_available_names(tmp_path):
   assert proc.returncode != 0
   assert "unknown simulation(s): no_such_sim" in proc.stderr and "sim_selftest" in proc.stderr
   assert not os.listdir(tmp_path)
+
+
+def test_run_suite_starts_the_costliest_first_and_keeps_the_record_order(tmp_path, monkeypatch):
+  started = []
+
+  def make(name, cost):
+    def run(seeds, quick, key):
+      started.append(name)
+      return _synthetic(1.0, 3.0, seeds=seeds)
+    return _sim(run, name=name, cost=cost)
+
+  sims = {"sim_a": make("sim_a", 1.0), "sim_b": make("sim_b", 5.0), "sim_c": make("sim_c", 1.0),
+          "sim_d": make("sim_d", 7.0)}
+  monkeypatch.setattr(harness, "select", lambda only=None: list(only))
+  monkeypatch.setattr(harness, "load", lambda name, smoke=False: sims[name])
+  out = harness.run_suite(list(sims), out=str(tmp_path), quick=True, seeds=4, reps=200, figures=False,
+                          progress=io.StringIO(), jobs=1)
+  assert started == ["sim_d", "sim_b", "sim_a", "sim_c"]  # by cost; ties in the given order
+  assert [r["name"] for r in out["simulations"]] == list(sims)
+  with pytest.raises(ValueError, match="cost must be > 0"):
+    _sim(None, cost=0.0)

@@ -1,0 +1,72 @@
+"""XLA:CPU backend optimisation level vs compile CPU and execution time of the sims' train function.
+
+    python bench/sims_compile.py [--levels 0,1,2] [--steps 60] [--seeds 3]
+
+For each level, a fresh process (XLA_FLAGS=--xla_backend_optimization_level=L; no compilation
+cache) compiles `sims.world`'s standard fine-tuning function (Qwen3-style tiny decoder, ORPO,
+APOLLO, vmapped seeds, a scan over the steps) in both gradient modes and runs it twice. Prints
+one JSON line: per level and mode the compile CPU seconds (user + system of the process while
+XLA compiles; compilation is partly multi-threaded), compile wall seconds and the second run's
+wall seconds, and the ratios of each level to level 2 (XLA's default). `python -m sims` keeps
+XLA's default level: see BUILD.md for what this measured.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+CHILD = r"""
+import json, resource, sys, time
+import jax, jax.numpy as jnp
+from dreamjax.model import init_params
+from sims import world as W
+steps, seeds = int(sys.argv[1]), int(sys.argv[2])
+cfg = W.model_config("qwen3")
+keys = jax.random.split(jax.random.PRNGKey(0), seeds)
+params = jax.vmap(lambda k: init_params(cfg, k))(keys)
+pool = W.reference_pool(W.World.make(0))
+cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+out = {}
+for mode in ("full", "frozen"):
+  fn = W._finetune_fn(cfg, steps, W.BATCH, mode, "orpo", False, "apollo")
+  args = (params, keys, pool, jnp.float32(1e-3), jnp.int32(steps))
+  lowered = fn.trace(*args).lower()
+  c0, t0 = cpu(), time.perf_counter()
+  compiled = lowered.compile()
+  c1, t1 = cpu(), time.perf_counter()
+  jax.block_until_ready(compiled(*args))
+  t2 = time.perf_counter()
+  jax.block_until_ready(compiled(*args))
+  out[mode] = {"compile_cpu_s": c1 - c0, "compile_wall_s": t1 - t0, "run_s": time.perf_counter() - t2}
+print(json.dumps(out))
+"""
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--levels", default="0,1,2")
+  ap.add_argument("--steps", type=int, default=60)
+  ap.add_argument("--seeds", type=int, default=3)
+  a = ap.parse_args()
+  levels = [int(x) for x in a.levels.split(",")]
+  res = {}
+  for level in levels:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_backend_optimization_level={level}", JAX_PLATFORMS="cpu")
+    env.pop("DREAMJAX_SIMS_CACHE", None)
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(a.steps), str(a.seeds)], env=env, check=True,
+                          capture_output=True, text=True)
+    res[level] = json.loads(proc.stdout.strip().splitlines()[-1])
+  ratios = {}
+  if 2 in res:
+    for level in levels:
+      ratios[f"level{level}_vs_level2"] = {
+          mode: {k: res[level][mode][k] / res[2][mode][k] for k in ("compile_cpu_s", "run_s")}
+          for mode in res[level]}
+  print(json.dumps({"bench": "sims_compile", "steps": a.steps, "seeds": a.seeds,
+                    "levels": {str(k): v for k, v in res.items()}, "ratios": ratios}))
+
+
+if __name__ == "__main__":
+  main()
