@@ -179,5 +179,5 @@ SIMULATION = harness.Simulation(
     run=run,
     seeds=8,
     quick_seeds=3,
-    cost=60,  # seconds of the full run in sims/reports/2026-11-23-full (orders the work only)
+    cost=60,  # seconds of the 2026-11-23 full run, commit 7bbc8c6 (orders the work only)
 )
