@@ -1,6 +1,7 @@
 """Runs the simulation suite and writes DIR/results.json, DIR/REPORT.md and DIR/<name>.png.
 
     python -m sims [--quick | --smoke] [--only NAME[,NAME]] [--seeds N] [--out DIR] [--seed S] [--jobs N]
+                   [--xla_level L]
     python -m sims --list
 
 Exits 1 if a simulation raised (its verdict is ERROR); a REFUTED prediction is a result, not a
@@ -24,6 +25,10 @@ _REPS = flags.DEFINE_integer("bootstrap_reps", 2000, "Bootstrap replicates per i
 _FIGURES = flags.DEFINE_boolean("figures", True, "Draw PNG figures (needs matplotlib).")
 _JOBS = flags.DEFINE_integer("jobs", 2, "Simulations run at once (threads; one compiles while another computes). "
                              "Their numbers do not depend on it.", lower_bound=1)
+_XLA_LEVEL = flags.DEFINE_integer("xla_level", 1, "XLA:CPU backend optimisation level, 0-3 (XLA's own default is 3); "
+                                  "1 compiles in ~0.8x the CPU time at the same speed on the sims' programs "
+                                  "(bench/sims_compile.py). $XLA_FLAGS setting --xla_backend_optimization_level "
+                                  "wins. Recorded in results.json.", lower_bound=0, upper_bound=3)
 _LIST = flags.DEFINE_boolean("list", False, "List the simulations and exit.")
 
 
@@ -37,6 +42,7 @@ def main(argv):
     names = harness.select(_ONLY.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
+  harness.set_xla_backend_level(_XLA_LEVEL.value)
   harness.enable_compilation_cache()
   results = harness.run_suite(names, out=_OUT.value, quick=_QUICK.value, seeds=_SEEDS.value,
                               seed=_SEED.value, reps=_REPS.value, figures=_FIGURES.value,

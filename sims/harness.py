@@ -264,7 +264,7 @@ def environment() -> dict:
       return None
 
   versions = {"python": platform.python_version(), "platform": platform.platform(),
-              "numpy": np.__version__}
+              "numpy": np.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
   for lib in ("jax", "jaxlib", "optax", "flax", "matplotlib"):
     try:
       versions[lib] = importlib.import_module(lib).__version__
@@ -375,10 +375,36 @@ def run_simulation(sim: Simulation, *, seeds: int, quick: bool, key, bootstrap: 
   return record
 
 
+XLA_LEVEL_FLAG = "--xla_backend_optimization_level"
+
+
+def set_xla_backend_level(level: int) -> str:
+  """Adds --xla_backend_optimization_level=level to $XLA_FLAGS (kept if $XLA_FLAGS sets it); returns $XLA_FLAGS.
+
+  XLA:CPU's backend (LLVM) level: compilation is most of a cold run, and level 1 compiled the
+  sims' train function in 0.74–0.88x the CPU time of XLA's default (which is level 3) at the same
+  execution speed (bench/sims_compile.py; BUILD.md). XLA reads the flags once, when JAX creates its
+  CPU client, so this must run before the first computation.
+  """
+  if level not in (0, 1, 2, 3):
+    raise ValueError(f"XLA backend optimisation level must be 0-3, got {level!r}")
+  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+  flags = os.environ.get("XLA_FLAGS", "")
+  if XLA_LEVEL_FLAG in flags:
+    return flags
+  if xla_bridge.backends_are_initialized():
+    raise RuntimeError(f"{XLA_LEVEL_FLAG}={level} must be set before JAX initialises its backend "
+                       "(it already has); set it in $XLA_FLAGS instead")
+  os.environ["XLA_FLAGS"] = f"{flags} {XLA_LEVEL_FLAG}={level}".strip()
+  return os.environ["XLA_FLAGS"]
+
+
 def enable_compilation_cache() -> Optional[str]:
   """Turns on JAX's persistent compilation cache under the base-model cache folder (<cache>/xla),
   unless one is configured already; compilation is most of a simulation's time, so a second run
-  of the suite on the same machine is much faster. Returns the folder in use."""
+  of the suite on the same machine is much faster. Every program is cached, however fast it
+  compiled: a suite also compiles ~600 small ones (eager ops, evaluations) that add up. Returns
+  the folder in use."""
   import jax  # pylint: disable=import-outside-toplevel
   from sims import world  # pylint: disable=import-outside-toplevel
   if jax.config.jax_compilation_cache_dir:
@@ -386,7 +412,7 @@ def enable_compilation_cache() -> Optional[str]:
   folder = os.path.abspath(os.path.join(world.cache_dir(), "xla"))
   os.makedirs(folder, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", folder)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   return folder
 
 

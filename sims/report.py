@@ -102,7 +102,8 @@ def render(results: dict, analyses: Optional[dict] = None) -> str:
       f"- run: {results.get('created', '?')}, {_path(cfg)}, "
       f"wall time {_seconds(results.get('timing', {}), 'total_s')}",
       f"- code: git `{commit}`; python {versions.get('python')}, jax {versions.get('jax')}, "
-      f"numpy {versions.get('numpy')}, backend {versions.get('backend')}",
+      f"numpy {versions.get('numpy')}, backend {versions.get('backend')}"
+      + (f", XLA_FLAGS `{versions['xla_flags']}`" if versions.get("xla_flags") else ""),
       f"- statistics: interquartile mean (IQM); {boot.get('reps')} stratified bootstrap replicates "
       f"(seeds resampled within strata), {100 * float(boot.get('confidence', 0.95)):g}% percentile "
       f"intervals, bootstrap seed {boot.get('seed')}; probability of improvement P(X > Y) with "

@@ -127,32 +127,54 @@ def power_iteration(hvp, v0, iters: int, shift=0.0, first=None):
   return rq, q0
 
 
+def top_eigenvalue_S(hvp, args_S, v0_S, first_S, iters: int):
+  """Returns (λ_max [S], dominant eigenvalue μ [S], Rayleigh quotient of first_S under H [S]).
+
+  hvp(args, v) is one seed's Hessian-vector product; args_S, v0_S and first_S carry a leading seed
+  axis. Pass 1 power-iterates H from v0 (its first HVP reads `first`): μ = argmax |λ|. When some
+  seed's μ ≤ 0, pass 2 iterates H − μI from v0, whose dominant eigenvalue ν ≤ 0 gives
+  λ_max = μ + ν; where μ > 0, λ_max = μ. Both passes are one `while_loop` around one vmapped
+  `power_iteration` (shift and start traced), so the HVP is compiled once.
+  """
+
+  def run(args, v0, first, shift, second):
+    start = jax.tree.map(lambda a, b: jnp.where(second, b, a), first, v0)
+    return power_iteration(lambda v: hvp(args, v), v0, iters, shift=shift, first=start)
+
+  def body(c):
+    p, mu, ush, nu = c
+    second = p == 1
+    rq, q0 = jax.vmap(run, in_axes=(0, 0, 0, 0, None))(args_S, v0_S, first_S, jnp.where(second, mu, 0.0),
+                                                       second)
+    return p + 1, jnp.where(second, mu, rq), jnp.where(second, ush, q0), jnp.where(second, rq, nu)
+
+  def cond(c):
+    p, mu = c[0], c[1]
+    return (p == 0) | ((p == 1) & ~jnp.all(mu > 0))
+
+  zeros = jnp.zeros(jax.tree.leaves(v0_S)[0].shape[:1], jnp.float32)
+  _, mu, ush, nu = jax.lax.while_loop(cond, body, (jnp.int32(0), zeros, zeros, zeros))
+  return jnp.where(mu > 0, mu, mu + nu), mu, ush
+
+
 @functools.lru_cache(maxsize=None)
 def _curvature_fn(config, iters: int):
   """Returns jit(f): per seed λ_max, the update's directional sharpness and the loss on a batch.
 
-  Pass 1 (power iteration on H, preceded by the update's quadratic form) runs for every seed; the
-  shifted pass 2 runs only when some seed's dominant eigenvalue μ is negative.
+  `top_eigenvalue_S` on the ORPO loss's Hessian: pass 1 (preceded by the update's quadratic form)
+  for every seed, the shifted pass 2 only when some seed's dominant eigenvalue μ is negative.
   """
 
-  def hvp_of(params, batch):
-    grad_fn = jax.grad(lambda p: orpo_loss(p, batch, config))
-    return lambda v: jax.jvp(grad_fn, (params,), (v,))[1]
-
-  def pass1(params, update, key, batch):
-    mu, ush = power_iteration(hvp_of(params, batch), _random_like(key, params), iters, first=update)
-    return mu, ush, orpo_loss(params, batch, config)
-
-  def pass2(params, key, mu, batch):
-    nu, _ = power_iteration(hvp_of(params, batch), _random_like(key, params), iters, shift=mu)
-    return nu
-
   def f(params_S, update_S, keys_S, batch):
-    mu_S, ush_S, loss_S = jax.vmap(pass1, in_axes=(0, 0, 0, None))(params_S, update_S, keys_S, batch)
-    nu_S = jax.lax.cond(jnp.all(mu_S > 0), lambda: jnp.zeros_like(mu_S),
-                        lambda: jax.vmap(pass2, in_axes=(0, 0, 0, None))(params_S, keys_S, mu_S, batch))
-    return {"lambda_max": jnp.where(mu_S > 0, mu_S, mu_S + nu_S), "lambda_dominant": mu_S,
-            "update_sharpness": ush_S, "train_loss": loss_S}
+    loss = lambda p: orpo_loss(p, batch, config)
+
+    def hvp(params, v):
+      return jax.jvp(jax.grad(loss), (params,), (v,))[1]
+
+    v0_S = jax.vmap(_random_like)(keys_S, params_S)
+    lam_S, mu_S, ush_S = top_eigenvalue_S(hvp, params_S, v0_S, update_S, iters)
+    return {"lambda_max": lam_S, "lambda_dominant": mu_S, "update_sharpness": ush_S,
+            "train_loss": jax.vmap(loss)(params_S)}
 
   return jax.jit(f)
 

@@ -335,6 +335,9 @@ def test_cli_quick_writes_report_results_and_figure(quick_run):
   assert rec["seeds"] == 6 and rec["quick"] and results["config"]["bootstrap"]["reps"] == 500
   assert np.shape(rec["data"]["treated"]["score"]) == (6, 3)  # every number, per seed
   assert set(results["versions"]) >= {"jax", "numpy", "python"} and "commit" in results["git"]
+  if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):  # the CLI's --xla_level 1
+    assert results["versions"]["xla_flags"].endswith("--xla_backend_optimization_level=1")
+    assert "XLA_FLAGS `" in text and "--xla_backend_optimization_level=1`" in text
   assert rec["timing"]["run_s"] > 0 and len(rec["rules_sha256"]) == 64
   assert [c["verdict"] for c in rec["analysis"]["controls"]] == [stats.SUPPORTED] * 2
 
@@ -390,3 +393,16 @@ def test_run_suite_starts_the_costliest_first_and_keeps_the_record_order(tmp_pat
   assert [r["name"] for r in out["simulations"]] == list(sims)
   with pytest.raises(ValueError, match="cost must be > 0"):
     _sim(None, cost=0.0)
+
+
+def test_set_xla_backend_level_validates_keeps_the_users_flag_and_refuses_after_backend_init(monkeypatch):
+  with pytest.raises(ValueError, match="0-3"):
+    harness.set_xla_backend_level(4)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=2")
+  assert harness.set_xla_backend_level(1).endswith("--xla_backend_optimization_level=2")  # the user's wins
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.devices()  # the backend exists now: XLA has read its flags, so a new level cannot apply
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  with pytest.raises(RuntimeError, match="before JAX initialises"):
+    harness.set_xla_backend_level(1)
+  assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"  # left as it was

@@ -199,3 +199,32 @@ def test_every_simulation_runs_on_the_smoke_path(group, tmp_path, monkeypatch):
     assert [r["name"] for r in again["simulations"]] == names[:2][::-1]
     for record in again["simulations"]:
       assert record["data"] == by_name[record["name"]]["data"], record["name"]
+
+
+def test_top_eigenvalue_matches_numpy_with_and_without_the_shifted_pass():
+  """s1's λ_max by power iteration on HVPs equals numpy's largest eigenvalue, including seeds whose
+  dominant eigenvalue is negative (only the shifted second pass finds λ_max there)."""
+  from sims import s1_apollo_flatness as s1
+  rng = np.random.default_rng(5)
+  n = 7
+
+  def sym(eigs):
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    return (q * np.asarray(eigs, np.float64)) @ q.T
+
+  spectra = {"positive": [[9.0, 3.0, 1.0, 0.5, -0.5, -1.0, -2.0], [6.0, 5.0, 2.0, 1.0, 0.0, -1.0, -3.0]],
+             "mixed": [[4.0, 1.0, 0.5, 0.0, -1.0, -2.0, -11.0], [7.0, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0]]}
+  hvp = lambda a, v: {"w": a @ v["w"]}
+  for name, eigs in spectra.items():
+    a_S = jnp.asarray(np.stack([sym(e) for e in eigs]), jnp.float32)
+    v0_S = {"w": jnp.asarray(rng.normal(size=(2, n)), jnp.float32)}
+    first_S = {"w": jnp.asarray(rng.normal(size=(2, n)), jnp.float32)}
+    lam, mu, ush = jax.jit(lambda a, v, f: s1.top_eigenvalue_S(hvp, a, v, f, 300))(a_S, v0_S, first_S)
+    a64 = np.asarray(a_S, np.float64)
+    want = np.linalg.eigvalsh(a64)
+    np.testing.assert_allclose(np.asarray(lam), want[:, -1], rtol=1e-3, atol=1e-3, err_msg=name)
+    dominant = np.take_along_axis(want, np.argmax(np.abs(want), axis=1)[:, None], 1)[:, 0]
+    np.testing.assert_allclose(np.asarray(mu), dominant, rtol=1e-3, atol=1e-3, err_msg=name)
+    f64 = np.asarray(first_S["w"], np.float64)
+    rq = np.einsum("si,sij,sj->s", f64, a64, f64) / np.einsum("si,si->s", f64, f64)
+    np.testing.assert_allclose(np.asarray(ush), rq, rtol=1e-4, atol=1e-4, err_msg=name)
