@@ -41,6 +41,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import threading
 import time
 from typing import Callable, Optional, Sequence
@@ -340,9 +341,18 @@ def cache_dir() -> str:
 CACHE_VERSION = 3
 
 
+def xla_backend_level() -> Optional[int]:
+  """Returns the --xla_backend_optimization_level set in $XLA_FLAGS (the last one), or None (XLA's default)."""
+  found = re.findall(r"--xla_backend_optimization_level=(\d+)", os.environ.get("XLA_FLAGS", ""))
+  return int(found[-1]) if found else None
+
+
 def _cache_path(family: str, seed: int, pc: PretrainConfig) -> str:
+  # The XLA backend level changes float rounding, so bases pretrained at one level are not reused at another.
   blob = json.dumps([dataclasses.asdict(model_config(family)), dataclasses.asdict(pc), VOCAB,
-                     MODULUS, CONTEXT_LEN, CACHE_VERSION, PRETRAIN_BLOCK], sort_keys=True, default=str)
+                     MODULUS, CONTEXT_LEN, CACHE_VERSION, PRETRAIN_BLOCK]
+                    + ([] if xla_backend_level() is None else [{"xla_backend_level": xla_backend_level()}]),
+                    sort_keys=True, default=str)
   digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
   return os.path.join(cache_dir(), f"base_{family}_{seed}_{digest}.npz")
 

@@ -228,3 +228,18 @@ def test_top_eigenvalue_matches_numpy_with_and_without_the_shifted_pass():
     f64 = np.asarray(first_S["w"], np.float64)
     rq = np.einsum("si,sij,sj->s", f64, a64, f64) / np.einsum("si,si->s", f64, f64)
     np.testing.assert_allclose(np.asarray(ush), rq, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_base_cache_key_carries_the_xla_backend_level(monkeypatch):
+  """Bases pretrained at one XLA backend level (different float rounding) are not reused at another."""
+  pc = W.PretrainConfig()
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  default = W._cache_path("qwen3", 0, pc)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  assert W.xla_backend_level() is None and W._cache_path("qwen3", 0, pc) == default
+  paths = set()
+  for level in (1, 3):
+    monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 --xla_backend_optimization_level={level}")
+    assert W.xla_backend_level() == level
+    paths.add(W._cache_path("qwen3", 0, pc))
+  assert len(paths) == 2 and default not in paths
