@@ -1,14 +1,14 @@
 """XLA:CPU backend optimisation level vs compile CPU and execution time of the sims' train function.
 
-    python bench/sims_compile.py [--levels 0,1,2] [--steps 60] [--seeds 3]
+    python bench/sims_compile.py [--levels default,0,1,2,3] [--steps 60] [--seeds 3]
 
 For each level, a fresh process (XLA_FLAGS=--xla_backend_optimization_level=L, or no flag for
 'default'; no compilation cache) compiles `sims.world`'s standard fine-tuning function (Qwen3-style tiny decoder, ORPO,
 APOLLO, vmapped seeds, a scan over the steps) in both gradient modes and runs it twice. Prints
 one JSON line: per level and mode the compile CPU seconds (user + system of the process while
 XLA compiles; compilation is partly multi-threaded), compile wall seconds and the second run's
-wall seconds, and the ratios of each level to XLA's default (no flag; in jaxlib 0.10 the default
-gives results bit-identical to level 3, not 2). See BUILD.md for what this measured and which
+wall seconds, a SHA-256 of the run's outputs, the ratios of each level to XLA's default (no
+flag), and which levels give outputs bit-identical to the default's (`same_as_default`). See BUILD.md for what this measured and which
 level `python -m sims` uses.
 """
 
@@ -19,7 +19,8 @@ import subprocess
 import sys
 
 CHILD = r"""
-import json, resource, sys, time
+import hashlib, json, resource, sys, time
+import numpy as np
 import jax, jax.numpy as jnp
 from dreamjax.model import init_params
 from sims import world as W
@@ -37,10 +38,12 @@ for mode in ("full", "frozen"):
   c0, t0 = cpu(), time.perf_counter()
   compiled = lowered.compile()
   c1, t1 = cpu(), time.perf_counter()
-  jax.block_until_ready(compiled(*args))
+  first = jax.block_until_ready(compiled(*args))
   t2 = time.perf_counter()
   jax.block_until_ready(compiled(*args))
-  out[mode] = {"compile_cpu_s": c1 - c0, "compile_wall_s": t1 - t0, "run_s": time.perf_counter() - t2}
+  digest = hashlib.sha256(b"".join(np.asarray(x).tobytes() for x in jax.tree.leaves(first))).hexdigest()
+  out[mode] = {"compile_cpu_s": c1 - c0, "compile_wall_s": t1 - t0, "run_s": time.perf_counter() - t2,
+               "output_sha256": digest}
 print(json.dumps(out))
 """
 
@@ -69,8 +72,10 @@ def main():
       ratios[f"level{level}_vs_default"] = {
           mode: {k: res[level][mode][k] / res["default"][mode][k] for k in ("compile_cpu_s", "run_s")}
           for mode in res[level]}
+  same = ({level: all(res[level][m]["output_sha256"] == res["default"][m]["output_sha256"] for m in res[level])
+           for level in levels} if "default" in res else {})
   print(json.dumps({"bench": "sims_compile", "steps": a.steps, "seeds": a.seeds,
-                    "levels": {str(k): v for k, v in res.items()}, "ratios": ratios}))
+                    "levels": {str(k): v for k, v in res.items()}, "ratios": ratios, "same_as_default": same}))
 
 
 if __name__ == "__main__":

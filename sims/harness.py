@@ -375,9 +375,6 @@ def run_simulation(sim: Simulation, *, seeds: int, quick: bool, key, bootstrap: 
   return record
 
 
-XLA_LEVEL_FLAG = "--xla_backend_optimization_level"
-
-
 def set_xla_backend_level(level: int) -> str:
   """Adds --xla_backend_optimization_level=level to $XLA_FLAGS (kept if $XLA_FLAGS sets it); returns $XLA_FLAGS.
 
@@ -389,13 +386,14 @@ def set_xla_backend_level(level: int) -> str:
   if level not in (0, 1, 2, 3):
     raise ValueError(f"XLA backend optimisation level must be 0-3, got {level!r}")
   from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+  from sims import world  # pylint: disable=import-outside-toplevel
   flags = os.environ.get("XLA_FLAGS", "")
-  if XLA_LEVEL_FLAG in flags:
+  if world.xla_backend_level() is not None:
     return flags
   if xla_bridge.backends_are_initialized():
-    raise RuntimeError(f"{XLA_LEVEL_FLAG}={level} must be set before JAX initialises its backend "
+    raise RuntimeError(f"--xla_backend_optimization_level={level} must be set before JAX initialises its backend "
                        "(it already has); set it in $XLA_FLAGS instead")
-  os.environ["XLA_FLAGS"] = f"{flags} {XLA_LEVEL_FLAG}={level}".strip()
+  os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level={level}".strip()
   return os.environ["XLA_FLAGS"]
 
 

@@ -349,10 +349,10 @@ def xla_backend_level() -> Optional[int]:
 
 def _cache_path(family: str, seed: int, pc: PretrainConfig) -> str:
   # The XLA backend level changes float rounding, so bases pretrained at one level are not reused at another.
+  level = xla_backend_level()
   blob = json.dumps([dataclasses.asdict(model_config(family)), dataclasses.asdict(pc), VOCAB,
                      MODULUS, CONTEXT_LEN, CACHE_VERSION, PRETRAIN_BLOCK]
-                    + ([] if xla_backend_level() is None else [{"xla_backend_level": xla_backend_level()}]),
-                    sort_keys=True, default=str)
+                    + ([] if level is None else [{"xla_backend_level": level}]), sort_keys=True, default=str)
   digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
   return os.path.join(cache_dir(), f"base_{family}_{seed}_{digest}.npz")
 
