@@ -26,7 +26,7 @@ _FIGURES = flags.DEFINE_boolean("figures", True, "Draw PNG figures (needs matplo
 _JOBS = flags.DEFINE_integer("jobs", 2, "Simulations run at once (threads; one compiles while another computes). "
                              "Their numbers do not depend on it.", lower_bound=1)
 _XLA_LEVEL = flags.DEFINE_integer("xla_level", 1, "XLA:CPU backend optimisation level, 0-3 (XLA's own default is 3); "
-                                  "1 compiles in ~0.8x the CPU time at the same speed on the sims' programs "
+                                  "1 compiles in ~0.8x the CPU time at about the same speed on the sims' programs "
                                   "(bench/sims_compile.py). $XLA_FLAGS setting --xla_backend_optimization_level "
                                   "wins. Recorded in results.json.", lower_bound=0, upper_bound=3)
 _LIST = flags.DEFINE_boolean("list", False, "List the simulations and exit.")
