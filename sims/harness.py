@@ -379,7 +379,7 @@ def set_xla_backend_level(level: int) -> str:
   """Adds --xla_backend_optimization_level=level to $XLA_FLAGS (kept if $XLA_FLAGS sets it); returns $XLA_FLAGS.
 
   XLA:CPU's backend (LLVM) level: compilation is most of a cold run, and level 1 compiled the
-  sims' train function in 0.74–0.88x the CPU time of XLA's default (which is level 3) at about the
+  sims' train function in 0.74–0.94x the CPU time of XLA's default (which is level 3) at about the
   same execution speed (bench/sims_compile.py; BUILD.md). XLA reads the flags once, when JAX creates its
   CPU client, so this must run before the first computation.
   """
