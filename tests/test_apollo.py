@@ -312,3 +312,20 @@ def test_rejects_non_matrix_leaf():
   tx = apollo_lib.scale_by_apollo(rank=2)
   with pytest.raises(ValueError, match=r"\['v'\].*only 2-D"):
     tx.init({"v": jnp.zeros(5)})
+
+
+def test_leaves_sharing_a_shape_get_their_own_projection():
+  """P is drawn per shape group in one vmapped call: each leaf must still get its own key's P."""
+  rng = np.random.default_rng(3)
+  tree = {"a": rng.normal(size=(7, 5)), "b": rng.normal(size=(7, 5)), "c": rng.normal(size=(5, 11))}
+  tree = {k: jnp.asarray(v, jnp.float32) for k, v in tree.items()}
+  tx = apollo_lib.scale_by_apollo(rank=3, update_proj_gap=2)
+  together = tx.init(tree)
+  alone = {k: tx.init({k: v}) for k, v in tree.items()}
+  for t in range(4):
+    g = jax.tree.map(lambda x: jnp.sin((t + 2) * x), tree)
+    u, together = tx.update(g, together)
+    for k in tree:
+      u_k, alone[k] = tx.update({k: g[k]}, alone[k])
+      np.testing.assert_array_equal(u[k], u_k[k])
+  assert not np.allclose(u["a"] / g["a"], u["b"] / g["b"])  # same shape, different P → different scales

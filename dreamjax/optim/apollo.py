@@ -163,11 +163,32 @@ def scale_by_apollo(
         prev_norm=jax.tree.map(lambda _: jnp.zeros([], jnp.float32), params),
     )
 
-  def leaf_update(g, mu, nu, leaf_key, prev_norm, count):
+  def projections(leaves, leaf_keys, count):
+    """Returns each leaf's P for this step, drawn in one vmapped call per (shape, side) group.
+
+    A draw per leaf puts one random-number program per leaf in the compiled update, and its
+    compile time grows faster than the depth (bench/optim.py, BUILD.md); grouping the leaves that
+    share a shape keeps it to one per distinct shape. Vmapping over the keys draws the same
+    numbers as separate calls.
+    """
+    refresh = count // update_proj_gap
+    groups: dict = {}
+    for i, g in enumerate(leaves):
+      groups.setdefault(tuple(g.shape), []).append(i)
+    out = [None] * len(leaves)
+    for shape, members in groups.items():
+      side = projection_side(shape)
+      keys = jax.vmap(projection_key, in_axes=(0, None))(jnp.stack([leaf_keys[i] for i in members]), refresh)
+      drawn = jax.vmap(lambda k, shape=shape, side=side: projection_fn(k, shape, rank, side))(keys)
+      for j, i in enumerate(members):
+        out[i] = drawn[j]
+    return out
+
+  def leaf_update(g, p, mu, nu, prev_norm, count):
     cdt = jnp.promote_types(g.dtype, jnp.float32)
     g_c = g.astype(cdt)
     side = projection_side(g.shape)
-    p = projection_fn(projection_key(leaf_key, count // update_proj_gap), g.shape, rank, side).astype(cdt)
+    p = p.astype(cdt)
     r_low = g_c @ p.T if side == "right" else p.T @ g_c
     mu = (b1 * mu.astype(cdt) + (1.0 - b1) * r_low).astype(mu.dtype)
     nu = (b2 * nu.astype(cdt) + (1.0 - b2) * jnp.square(r_low)).astype(nu.dtype)
@@ -193,13 +214,14 @@ def scale_by_apollo(
   def update_fn(updates, state, params=None):
     del params
     leaves, treedef = jax.tree.flatten(updates)
+    p_leaves = projections(leaves, treedef.flatten_up_to(state.key), state.count)
     per_leaf = [
-        leaf_update(g, m, v, k, pn, state.count)
-        for g, m, v, k, pn in zip(
+        leaf_update(g, p, m, v, pn, state.count)
+        for g, p, m, v, pn in zip(
             leaves,
+            p_leaves,
             treedef.flatten_up_to(state.mu),
             treedef.flatten_up_to(state.nu),
-            treedef.flatten_up_to(state.key),
             treedef.flatten_up_to(state.prev_norm),
         )
     ]
