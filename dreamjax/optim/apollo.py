@@ -164,7 +164,7 @@ def scale_by_apollo(
     )
 
   def projections(leaves, leaf_keys, count):
-    """Returns each leaf's P for this step, drawn in one vmapped call per (shape, side) group.
+    """Returns each leaf's P for this step, drawn in one vmapped call per leaf shape.
 
     A draw per leaf puts one random-number program per leaf in the compiled update, and its
     compile time grows faster than the depth (bench/optim.py, BUILD.md); grouping the leaves that
@@ -178,7 +178,8 @@ def scale_by_apollo(
     out = [None] * len(leaves)
     for shape, members in groups.items():
       side = projection_side(shape)
-      keys = jax.vmap(projection_key, in_axes=(0, None))(jnp.stack([leaf_keys[i] for i in members]), refresh)
+      member_keys = jnp.stack([leaf_keys[i] for i in members])
+      keys = jax.vmap(projection_key, in_axes=(0, None))(member_keys, refresh)
       drawn = jax.vmap(lambda k, shape=shape, side=side: projection_fn(k, shape, rank, side))(keys)
       for j, i in enumerate(members):
         out[i] = drawn[j]
