@@ -44,7 +44,7 @@ def main():
     for i in range(args.new):
       n = args.prompt + i
       mask = (jnp.arange(total) < n).astype(jnp.int32)[None].repeat(args.batch, 0)
-      logits, _ = fwd(params, buf, M.positions_from_mask(mask), mask)
+      logits = fwd(params, buf, M.positions_from_mask(mask), mask).logits
       buf = buf.at[:, n].set(jnp.argmax(logits[:, n - 1], -1))
     return buf
 

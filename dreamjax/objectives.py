@@ -64,6 +64,56 @@ def sequence_logprobs(logits_BxTxV: jax.Array, labels_BxT: jax.Array, mask_BxT: 
   return SeqLogProbs(sum_B, count_B, sum_B / jnp.maximum(count_B, 1.0))
 
 
+def _token_logprobs(logits_NxV: jax.Array, labels_N: jax.Array, on_N: jax.Array) -> jax.Array:
+  """Returns log softmax(logits)[label] per row in float32 (0 where on_N is false)."""
+  logits = jnp.where(on_N[..., None], logits_NxV.astype(jnp.promote_types(logits_NxV.dtype, jnp.float32)), 0.0)
+  labels = jnp.where(on_N, labels_N, 0).astype(jnp.int32)
+  label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+  return jnp.where(on_N, label_logit - jax.nn.logsumexp(logits, axis=-1), 0.0)
+
+
+def linear_sequence_logprobs(hidden_BxTxD: jax.Array, head_DxV: jax.Array, labels_BxT: jax.Array,
+                             mask_BxT: jax.Array, max_logits: int = 1 << 26) -> SeqLogProbs:
+  """Returns `sequence_logprobs(hidden @ head, labels, mask)` without holding all B·T·V logits.
+
+  The positions are taken in chunks of c tokens per row (c·B·V <= max_logits floats; one chunk
+  when everything fits): each chunk's logits are computed in float32, reduced to log p(label) by
+  its own log-sum-exp (exact, not an approximation) and dropped; the backward pass recomputes
+  them chunk by chunk (jax.checkpoint), so a 248K vocabulary at a 512-token response holds one
+  chunk of logits, not all of them. Same values and gradients as the unchunked form, to float32
+  round-off.
+
+  Args:
+    hidden_BxTxD: what the LM head reads (the final-normed stream, `forward(...).head_input`).
+    head_DxV: the LM head (`dreamjax.model.lm_head`).
+    labels_BxT, mask_BxT: as `sequence_logprobs` (logits at t score labels at t).
+    max_logits: most logits (floats) held at once.
+  """
+  b, t, _ = hidden_BxTxD.shape
+  v = head_DxV.shape[1]
+  on = mask_BxT > 0
+  dtype = jnp.promote_types(hidden_BxTxD.dtype, jnp.float32)
+  c = max(1, min(t, max_logits // max(b * v, 1)))
+
+  def chunk_logp(h_BxCxD, lab_BxC, on_BxC):
+    logits = jnp.einsum("bcd,dv->bcv", h_BxCxD, head_DxV.astype(h_BxCxD.dtype), preferred_element_type=dtype)
+    return _token_logprobs(logits, lab_BxC, on_BxC)
+
+  if c >= t:
+    logp_BxT = chunk_logp(hidden_BxTxD, labels_BxT, on)
+  else:
+    n = -(-t // c)
+    pad = n * c - t
+    split = lambda x: jnp.moveaxis(jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)).reshape(
+        b, n, c, *x.shape[2:]), 1, 0)  # (n, B, c, ...)
+    logp = jax.lax.map(lambda xs: jax.checkpoint(chunk_logp)(*xs), (split(hidden_BxTxD), split(labels_BxT), split(on)))
+    logp_BxT = jnp.moveaxis(logp, 0, 1).reshape(b, n * c)[:, :t]
+  mask = on.astype(dtype)
+  sum_B = jnp.sum(logp_BxT * mask, axis=-1)
+  count_B = jnp.sum(mask, axis=-1)
+  return SeqLogProbs(sum_B, count_B, sum_B / jnp.maximum(count_B, 1.0))
+
+
 def _weights(lp: SeqLogProbs, weights_B: Optional[jax.Array]) -> jax.Array:
   dtype = jnp.promote_types(lp.sum_B.dtype, jnp.float32)
   return jnp.ones(lp.sum_B.shape, dtype) if weights_B is None else weights_B.astype(dtype)

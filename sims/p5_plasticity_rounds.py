@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dreamjax.model import decoder, positions_from_mask
+from dreamjax.model import decoder, layout, positions_from_mask
 from dreamjax.train.batch import PreferenceBatch, TokenizedExample
 from dreamjax.train.step import init_train_state, make_train_step
 from sims import harness
@@ -190,10 +190,10 @@ def effective_rank(x_BxD):
 
 def health(params, probe, config):
   """Returns (effective rank, dead-unit fraction, weight norm) of one network on the probe batch."""
-  _, _, hidden, mlp_in = decoder.forward(params, probe.context_BxC, positions_from_mask(probe.context_mask_BxC),
-                                         probe.context_mask_BxC, config=config, return_hidden=True,
-                                         return_mlp_inputs=True)
-  gates = [x @ layer["mlp"]["gate_proj"] for x, layer in zip(mlp_in, params["layers"])]
+  out = decoder.forward(params, probe.context_BxC, positions_from_mask(probe.context_mask_BxC),
+                        probe.context_mask_BxC, config=config, head=False, return_hidden=True, return_mlp_inputs=True)
+  hidden, mlp_in = out.hidden, out.mlp_inputs
+  gates = [x @ layer["mlp"]["gate_proj"] for x, layer in zip(mlp_in, layout.unstack(params, config))]
   real_BxT = probe.context_mask_BxC.astype(bool)[..., None]
   open_F = jnp.concatenate([jnp.any((g > 0) & real_BxT, axis=(0, 1)) for g in gates])
   return effective_rank(hidden[-1][:, -1]), jnp.mean(~open_F), optax.tree.norm(params)

@@ -200,8 +200,8 @@ def response_logits(params, batch: PreferenceBatch, config: ModelConfig, return_
   mask = jnp.concatenate([batch.context_mask_BxC, batch.chosen_mask_BxR[:, :-1]], axis=1)
   out = forward(params, inp, positions_from_mask(mask), mask, config=config, return_hidden=return_hidden)
   if return_hidden:
-    return out[0][:, c - 1:], out[2]
-  return out[0][:, c - 1:]
+    return out.logits[:, c - 1:], out.hidden
+  return out.logits[:, c - 1:]
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -235,8 +235,8 @@ def _accuracies_fn(config: ModelConfig, leading: bool):
 def context_features(params, batch: PreferenceBatch, *, config: ModelConfig):
   """Returns the final residual stream at the last context token, (B, D): the context's encoding."""
   c = batch.context_BxC.shape[1]
-  _, _, hidden = forward(params, batch.context_BxC, positions_from_mask(batch.context_mask_BxC),
-                         batch.context_mask_BxC, config=config, return_hidden=True)
+  hidden = forward(params, batch.context_BxC, positions_from_mask(batch.context_mask_BxC),
+                   batch.context_mask_BxC, config=config, head=False, return_hidden=True).hidden
   return hidden[-1][:, c - 1]
 
 
@@ -337,8 +337,9 @@ def cache_dir() -> str:
 
 # Bumped whenever the pretraining computation changes its floating-point result, so that a cache
 # built by older code is never mixed with new bases. 2: the SFT step skips the rejected pass.
-# 3: blocks of 4 seeds (was 8), and the block size is part of the key.
-CACHE_VERSION = 3
+# 3: blocks of 4 seeds (was 8), and the block size is part of the key. 4: stacked, scanned layers
+# and blockwise attention (dreamjax.model.layout, attention).
+CACHE_VERSION = 4
 
 
 def xla_backend_level() -> Optional[int]:

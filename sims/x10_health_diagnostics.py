@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dreamjax.model import init_params
+from dreamjax.model import init_params, layout
 from dreamjax.train import monitor as mon
 from dreamjax.train import step as step_lib
 from sims import harness
@@ -64,10 +64,10 @@ EVAL_GENERAL, EVAL_SKILL = 64, 128  # held-out general examples for residual gro
 SMOKE = None  # tests set e.g. {'steps': 2, 'pretrain_steps': 2, 'eval_n': 8}
 
 
-def _layers_cos(a, b):
+def _layers_cos(a, b, config):
   """Returns [L]: cosine between two gradients, per decoder layer (all leaves of the layer as one vector)."""
   out = []
-  for la, lb in zip(a["layers"], b["layers"]):
+  for la, lb in zip(layout.unstack(a, config), layout.unstack(b, config)):
     dot = sum(jnp.sum(x * y) for x, y in zip(jax.tree.leaves(la), jax.tree.leaves(lb)))
     na = jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(la)))
     nb = jnp.sqrt(sum(jnp.sum(y * y) for y in jax.tree.leaves(lb)))
@@ -98,9 +98,9 @@ def _run_fn(config, chunks: int, chunk_steps: int, batch_size: int):
       (loss, _), g = grad_fn(params, W.sample_batch(pool, jax.random.fold_in(key, i), batch_size))
       updates, opt_state = opt.update(g, opt_state, params)
       params = optax.apply_updates(params, updates)
-      norms = mon.layer_grad_norms(g, per_matrix=False)
+      norms = mon.layer_grad_norms(g, config, per_matrix=False)
       norm_L = jnp.stack([norms[f"grad/{n}/norm"] for n in names])
-      return (params, opt_state, g), (loss, norm_L, _layers_cos(g, prev))
+      return (params, opt_state, g), (loss, norm_L, _layers_cos(g, prev, config))
 
     def chunk(carry, c):
       carry, per_step = jax.lax.scan(step, carry, c * chunk_steps + jnp.arange(chunk_steps))

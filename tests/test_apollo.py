@@ -241,14 +241,43 @@ def test_default_labels():
   params = {
       "embed": jnp.zeros((11, 5)),
       "lm_head": jnp.zeros((5, 11)),
-      "layers": [{"q_proj": jnp.zeros((5, 7)), "input_norm": jnp.zeros((5,)), "conv_weight": jnp.zeros((3, 7))}],
+      "w": jnp.zeros((5, 7)),
+      "cube": jnp.zeros((2, 5, 7)),  # 3-D outside 'layers': not a matrix
+      # Stacked layers: a leading layer axis, then the layer's own shape.
+      "layers": {"attn": {"q_proj": jnp.zeros((3, 5, 7)), "q_norm": jnp.zeros((3, 7))},
+                 "input_norm": jnp.zeros((3, 5)), "A_log": jnp.zeros((3, 4)), "conv_weight": jnp.zeros((3, 3, 7))},
   }
   labels = apollo_lib.default_label_fn(params)
   assert labels == {
-      "embed": "adam",
-      "lm_head": "adam",
-      "layers": [{"q_proj": "apollo", "input_norm": "adam", "conv_weight": "adam"}],
+      "embed": "adam", "lm_head": "adam", "w": "apollo", "cube": "adam",
+      "layers": {"attn": {"q_proj": "apollo", "q_norm": "adam"}, "input_norm": "adam", "A_log": "adam",
+                 "conv_weight": "adam"},
   }
+
+
+def test_stacked_leaf_is_each_layer_updated_on_its_own():
+  """A stacked (L, m, n) leaf under 'layers' is L matrices: with the per-matrix keys its state holds,
+  L separate 2-D leaves get the same updates (moments, channel or tensor scaling and the norm
+  limiter per matrix), and the matrices get different projections."""
+  rng = np.random.default_rng(11)
+  n_layers, m, n = 3, 7, 5
+  for kw in (dict(rank=2), dict(rank=1, scale_type="tensor", scale=128.0)):
+    tx = apollo_lib.scale_by_apollo(update_proj_gap=2, **kw)
+    stacked = tx.init({"layers": {"w": jnp.zeros((n_layers, m, n))}})
+    assert stacked.mu["layers"]["w"].shape[0] == n_layers and stacked.prev_norm["layers"]["w"].shape == (n_layers,)
+    keys = stacked.key["layers"]["w"]
+    assert len({tuple(np.asarray(k)) for k in keys}) == n_layers
+    alone = tx.init({f"w{i}": jnp.zeros((m, n)) for i in range(n_layers)})
+    alone = alone._replace(key={f"w{i}": keys[i] for i in range(n_layers)})
+    update = jax.jit(tx.update)
+    for t in range(5):  # crosses a projection refresh (gap 2)
+      g = jnp.asarray(rng.normal(size=(n_layers, m, n)) * (1 + t), jnp.float32)
+      u_stacked, stacked = update({"layers": {"w": g}}, stacked)
+      u_alone, alone = update({f"w{i}": g[i] for i in range(n_layers)}, alone)
+      for i in range(n_layers):
+        np.testing.assert_allclose(u_stacked["layers"]["w"][i], u_alone[f"w{i}"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(stacked.mu["layers"]["w"][i], alone.mu[f"w{i}"], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(stacked.prev_norm["layers"]["w"][i], alone.prev_norm[f"w{i}"], rtol=1e-5)
 
 
 def test_jit_update_does_not_recompile():
@@ -310,8 +339,10 @@ def test_save_restore_is_deterministic(tmp_path):
 
 def test_rejects_non_matrix_leaf():
   tx = apollo_lib.scale_by_apollo(rank=2)
-  with pytest.raises(ValueError, match=r"\['v'\].*only 2-D"):
+  with pytest.raises(ValueError, match=r"\['v'\].*only matrices \(2-D\)"):
     tx.init({"v": jnp.zeros(5)})
+  with pytest.raises(ValueError, match=r"\['layers'\]\['v'\].*only matrices \(stacked 2-D\)"):
+    tx.init({"layers": {"v": jnp.zeros((3, 5))}})
 
 
 def test_leaves_sharing_a_shape_get_their_own_projection():

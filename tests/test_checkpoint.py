@@ -207,7 +207,7 @@ def test_changed_model_is_a_mismatch_not_a_corrupt_step(run, tmp_path):
     cfg = ModelConfig.preset("qwen3-tiny").replace(intermediate_size=91)
     fresh = lambda: init_train_state(init_params(cfg, jax.random.PRNGKey(0)), apollo(1e-3, rank=3))
     other = jax.eval_shape(fresh)  # shapes only: nothing computed
-    up = r"params\.layers\.0\.mlp\.up_proj: saved \(48, 88\) float32, target \(48, 91\)"
+    up = r"params\.layers\.full_attention\.mlp\.up_proj: saved \(2, 48, 88\) float32, target \(2, 48, 91\)"
     with pytest.raises(ck.CheckpointMismatchError, match=r"does not match(.|\n)*" + up):
       ckpt.restore(abstract_state=other)
     assert ckpt.all_steps() == [1, 2]  # not mistaken for corruption: nothing moved

@@ -106,8 +106,11 @@ def test_place_callback_sees_every_tensor_once_in_our_layout():
   shapes = dict(seen)
   assert shapes[("embed",)] == (cfg.vocab_size, cfg.hidden_size)
   assert shapes[("lm_head",)] == (cfg.hidden_size, cfg.vocab_size)  # (in, out)
-  assert shapes[("layers", 0, "linear_attn", "conv_weight")] == (cfg.linear_conv_kernel, cfg.linear_conv_dim)
-  assert shapes[("layers", 3, "attn", "q_proj")] == (cfg.hidden_size, 2 * cfg.num_heads * cfg.head_dim)
+  # Layer leaves come whole, stacked over the layers of their kind (4 DeltaNet, 1 attention).
+  n_lin, n_full = cfg.layer_types.count(M.LINEAR), cfg.layer_types.count(M.FULL)
+  assert shapes[("layers", M.LINEAR, "linear_attn", "conv_weight")] == (n_lin, cfg.linear_conv_kernel,
+                                                                        cfg.linear_conv_dim)
+  assert shapes[("layers", M.FULL, "attn", "q_proj")] == (n_full, cfg.hidden_size, 2 * cfg.num_heads * cfg.head_dim)
   assert all(x.devices() == {dev} for _, x in leaves)
 
 

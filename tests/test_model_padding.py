@@ -15,7 +15,8 @@ from dreamjax.model import deltanet
 def setup(name):
   cfg = M.ModelConfig.preset(name)
   params = M.init_params(cfg, jax.random.PRNGKey(11), std=0.05)  # logits O(1)
-  return cfg, params, jax.jit(functools.partial(M.forward, config=cfg))
+  f = jax.jit(functools.partial(M.forward, config=cfg))
+  return cfg, params, lambda *a: f(*a)[:2]  # (logits, cache)
 
 
 def scatter_with_pads(seq, layout):
@@ -73,7 +74,7 @@ def test_right_padded_prefill_then_continue_equals_unpadded(name):
   ctoks[cmask == 1] = ctx.reshape(-1)
   ctoks, cmask = jnp.asarray(ctoks), jnp.asarray(cmask)
   pf = jax.jit(functools.partial(M.prefill, config=cfg, capacity=24))
-  _, cache = pf(params, ctoks, M.positions_from_mask(cmask), cmask)
+  cache = pf(params, ctoks, M.positions_from_mask(cmask), cmask)
   cont_pos = 13 + jnp.broadcast_to(jnp.arange(7), (2, 7))
   got, _ = fwd(params, cont, cont_pos, jnp.ones_like(cont), cache)
   full = jnp.concatenate([jnp.asarray(ctx, jnp.int32), cont], axis=1)

@@ -13,6 +13,7 @@ import optax
 import pytest
 
 from dreamjax import model as M
+from dreamjax.model import layout
 from dreamjax.train import batch as batch_lib
 from dreamjax.train import log as log_lib
 from dreamjax.train import monitor as mon
@@ -25,13 +26,26 @@ def setup(name):
   return cfg, M.init_params(cfg, jax.random.PRNGKey(3), std=0.1)
 
 
-def toy_tree(rng, dtype=np.float32, scale=1.0):
-  """A params-shaped tree with prime sizes: 3 layers of (7, 11) / (11, 7) / (7, 5) matrices."""
+# The toy trees' layer order: 3 layers of two kinds (linear, full, linear), so the per-kind stacks
+# (dreamjax.model.layout) must be mapped back to model order.
+TOY_CFG = M.ModelConfig.preset("qwen3_5-tiny")
+
+
+def toy_tree(rng, dtype=np.float32, scale=1.0, stacked=True):
+  """A params-shaped tree with prime sizes: 3 layers of (7, 11) / (11, 7) / (7, 5) matrices.
+
+  stacked=False: the same numbers with 'layers' as a list of per-layer dicts (the numpy side).
+  """
   d, f, v = 7, 11, 13
   mat = lambda *s: jnp.asarray(rng.normal(size=s) * scale, dtype)
   layer = lambda: {"input_norm": mat(d), "mlp": {"up_proj": mat(d, f), "down_proj": mat(f, d)},
                    "attn": {"q_proj": mat(d, 5), "q_norm": mat(5)}}
-  return {"embed": mat(v, d), "layers": [layer() for _ in range(3)], "final_norm": mat(d), "lm_head": mat(d, v)}
+  tree = {"embed": mat(v, d), "layers": [layer() for _ in range(3)], "final_norm": mat(d), "lm_head": mat(d, v)}
+  return stack(tree) if stacked else tree
+
+
+def stack(tree):
+  return dict(tree, layers=layout.stack(tree["layers"], TOY_CFG))
 
 
 def np_leaves(tree):
@@ -50,10 +64,11 @@ def np_leaves(tree):
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
 def test_weight_drift_matches_numpy(dtype):
   rng = np.random.default_rng(0)
-  base = toy_tree(rng, dtype)
-  delta = toy_tree(rng, dtype, scale=0.05)
+  base = toy_tree(rng, dtype, stacked=False)
+  delta = toy_tree(rng, dtype, scale=0.05, stacked=False)
   params = jax.tree.map(lambda a, b: (a + b).astype(dtype), base, delta)
-  got = jax.jit(mon.weight_drift)(params, base)
+  drift = jax.jit(mon.weight_drift, static_argnames="config")
+  got = drift(stack(params), stack(base), config=TOY_CFG)
   p, b = dict(np_leaves(params)), dict(np_leaves(base))
   rel = lambda names: np.sqrt(sum(np.sum((p[n] - b[n]) ** 2) for n in names)) / np.sqrt(
       sum(np.sum(b[n] ** 2) for n in names))
@@ -71,26 +86,26 @@ def test_weight_drift_matches_numpy(dtype):
   for k in expected:
     assert got[k].dtype == jnp.float32
     np.testing.assert_allclose(float(got[k]), expected[k], rtol=2e-5, err_msg=k)
-  assert float(jax.jit(mon.weight_drift)(base, base)["drift/max"]) == 0.0
+  assert float(drift(stack(base), stack(base), config=TOY_CFG)["drift/max"]) == 0.0
 
 
 def test_weight_drift_rejects_mismatched_trees():
   rng = np.random.default_rng(1)
   base = toy_tree(rng)
   with pytest.raises(ValueError, match="different structures"):
-    mon.weight_drift({**base, "layers": base["layers"][:2]}, base)
+    mon.weight_drift({k: v for k, v in base.items() if k != "lm_head"}, base, TOY_CFG)
   other = toy_tree(rng)
-  other["layers"][1]["mlp"]["up_proj"] = jnp.zeros((7, 13))
-  with pytest.raises(ValueError, match="layer_1/mlp/up_proj"):
-    mon.weight_drift(other, base)
+  other["layers"][M.LINEAR]["mlp"]["up_proj"] = jnp.zeros((2, 7, 13))
+  with pytest.raises(ValueError, match="layers/linear_attention/mlp/up_proj has shape"):
+    mon.weight_drift(other, base, TOY_CFG)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
 def test_layer_grad_norms_match_numpy_row_norms(dtype):
   rng = np.random.default_rng(2)
-  grads = toy_tree(rng, dtype, scale=3.0)
+  grads = toy_tree(rng, dtype, scale=3.0, stacked=False)
   grads["layers"][2]["mlp"]["down_proj"] = grads["layers"][2]["mlp"]["down_proj"].at[4].mul(50.0)  # one hot row
-  got = jax.jit(mon.layer_grad_norms)(grads)
+  got = jax.jit(mon.layer_grad_norms, static_argnames="config")(stack(grads), config=TOY_CFG)
   g = dict(np_leaves(grads))
   expected, layer_norms = {}, []
   for i in range(3):
@@ -121,7 +136,7 @@ def test_layer_grad_norms_match_numpy_row_norms(dtype):
   # The hot row shows in its layer and matrix, not in the others.
   assert float(got["grad/layer_2/row_max"]) == float(got["grad/layer_2/mlp/down_proj/row_max"])
   assert float(got["grad/layer_2/row_max"]) > 10 * float(got["grad/layer_1/row_max"])
-  assert set(mon.layer_grad_norms(grads, per_matrix=False)) == {
+  assert set(mon.layer_grad_norms(stack(grads), TOY_CFG, per_matrix=False)) == {
       k for k in expected if k.count("/") <= 2 or not k.startswith("grad/layer_")}
 
 
@@ -148,7 +163,7 @@ def test_residual_growth_matches_numpy_from_hidden_states():
   mask[0, :5] = 0  # left pads
   mask[2, 11:] = 0  # right pads
   got = jax.jit(mon.residual_growth, static_argnames="config")(params, tokens, mask, config=cfg)
-  _, _, hidden = reference_forward()(params, tokens, M.positions_from_mask(mask), mask)
+  hidden = reference_forward()(params, tokens, M.positions_from_mask(mask), mask).hidden
   h = [np.asarray(x, np.float64) for x in hidden]
   np.testing.assert_array_equal(h[0], np.asarray(params["embed"])[tokens])  # h_0 is the embedding
   on = mask.astype(bool)
@@ -186,7 +201,7 @@ def np_nll(cfg, params, examples):
     toks = list(ex.context) + list(ex.chosen)
     seqs[i, : len(toks)] = toks
   pos = np.broadcast_to(np.arange(n, dtype=np.int32), seqs.shape)
-  logits, _, _ = reference_forward()(params, seqs, pos, np.ones_like(seqs))
+  logits = reference_forward()(params, seqs, pos, np.ones_like(seqs)).logits
   lg = np.asarray(logits, np.float64)
   logp = lg - lg.max(-1, keepdims=True)
   logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))

@@ -37,7 +37,7 @@ def greedy_by_full_forward(cfg, params, prompt, n, width=16):
   for _ in range(n):
     toks = jnp.zeros((1, width), jnp.int32).at[0, : len(seq)].set(jnp.asarray(seq))
     mask = (jnp.arange(width) < len(seq)).astype(jnp.int32)[None]
-    logits, _ = fwd(cfg)(params, toks, M.positions_from_mask(mask), mask)
+    logits = fwd(cfg)(params, toks, M.positions_from_mask(mask), mask).logits
     seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
   return seq[len(prompt):]
 
@@ -79,7 +79,7 @@ def test_logprobs_are_model_logprobs():
     seq = prompt + gen.tokens_BxN[i].tolist()
     toks = jnp.zeros((1, width), jnp.int32).at[0, : len(seq)].set(jnp.asarray(seq))
     mask = (jnp.arange(width) < len(seq)).astype(jnp.int32)[None]
-    logits, _ = fwd(cfg)(params, toks, M.positions_from_mask(mask), mask)
+    logits = fwd(cfg)(params, toks, M.positions_from_mask(mask), mask).logits
     lp = jax.nn.log_softmax(logits[0, len(prompt) - 1 : len(seq) - 1])
     want = jnp.take_along_axis(lp, gen.tokens_BxN[i][:, None], axis=-1)[:, 0]
     np.testing.assert_allclose(gen.logprobs_BxN[i], want, atol=1e-4)

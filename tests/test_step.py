@@ -16,11 +16,17 @@ from dreamjax.train import mesh as mesh_lib
 from dreamjax.train import step as step_lib
 
 PRESETS = ["qwen3-tiny", "qwen3_5-tiny"]
+# ':blocks' runs the long-context paths at test sizes: blockwise attention in blocks of 4 (so its
+# loops and custom backward run) and the frozen context prefilled in chunks of 5.
+LONG = "qwen3_5-tiny:blocks"
 
 
 @functools.lru_cache(maxsize=None)
 def setup(name):
-  cfg = M.ModelConfig.preset(name)
+  preset, _, variant = name.partition(":")
+  cfg = M.ModelConfig.preset(preset)
+  if variant == "blocks":
+    cfg = cfg.replace(attention_block=4, prefill_chunk=5)
   params = M.init_params(cfg, jax.random.PRNGKey(0), std=0.1)
   return cfg, params
 
@@ -72,13 +78,13 @@ def stop_gradient_reference_loss(params, batch, *, cfg):
     inp = jnp.concatenate([ctx, resp[:, :-1]], axis=1)
     imask = jnp.concatenate([cmask, rmask[:, :-1]], axis=1)
     frozen = jnp.broadcast_to(jnp.arange(inp.shape[1]) < c - 1, inp.shape)
-    logits, _ = M.forward(params, inp, M.positions_from_mask(imask), imask, config=cfg, stop_gradient_BxT=frozen)
+    logits = M.forward(params, inp, M.positions_from_mask(imask), imask, config=cfg, stop_gradient_BxT=frozen).logits
     out.append(objectives.sequence_logprobs(logits[:, c - 1:], resp, rmask))
   lp = {"chosen": out[0], "rejected": out[1]}
   return step_lib.loss_from_logprobs(lp, batch.is_preference_B, objective="orpo")
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", PRESETS + [LONG])
 def test_frozen_gradient_equals_full_gradient_with_stopped_context(name):
   cfg, params = setup(name)
   batch = make_batch(cfg, 5, b=4, general=1)
@@ -89,7 +95,7 @@ def test_frozen_gradient_equals_full_gradient_with_stopped_context(name):
   np.testing.assert_allclose(lf, lr, atol=1e-5)
   # Dense: float32 rounding only. Hybrid: its float32 backward differs by ~1e-4 of a leaf's scale
   # between the chunked (full) and prefill + continue (frozen) orders (see the sharding test).
-  rel = 2e-5 if name == "qwen3-tiny" else 5e-4
+  rel = 2e-5 if name.startswith("qwen3-") else 5e-4
   for (path, a), r in zip(jax.tree_util.tree_leaves_with_path(gf), jax.tree.leaves(gr)):
     atol = rel * max(float(jnp.max(jnp.abs(r))), 1.0)
     np.testing.assert_allclose(a, r, atol=atol, err_msg=jax.tree_util.keystr(path))
@@ -200,7 +206,7 @@ def _sharding_case(name, steps):
   # The hybrid family's backward pass differs by ~1e-4 (relative) between reduction orders; Adam's
   # per-element normalisation turns that into O(lr) differences on near-zero gradient entries, so
   # that family is compared with SGD (the sharding, not the optimizer, is under test here).
-  opt = (optim.apollo(1e-3, rank=2, update_proj_gap=2, weight_decay=0.01) if name == "qwen3-tiny"
+  opt = (optim.apollo(1e-3, rank=2, update_proj_gap=2, weight_decay=0.01) if name.startswith("qwen3-")
          else optax.sgd(1e-2))
   cfg, params = setup(name)
   batches = [make_batch(cfg, 10 + i, b=8, general=2) for i in range(steps)]
@@ -215,7 +221,7 @@ def _one_device_reference(name, steps):
 
 # (8, 1), pure data parallelism, is the data axis of (2, 4) alone; left out to keep the suite short.
 @pytest.mark.parametrize("name,shape,steps", [("qwen3-tiny", (2, 4), 3), ("qwen3-tiny", (1, 8), 3),
-                                              ("qwen3_5-tiny", (2, 4), 2)])
+                                              (LONG, (2, 4), 2)])
 def test_sharded_step_matches_one_device(name, shape, steps):
   assert jax.device_count() == 8, "tests run on 8 fake CPU devices (tests/conftest.py)"
   cfg, params, batches, opt = _sharding_case(name, steps)
@@ -232,7 +238,12 @@ def test_sharded_step_matches_one_device(name, shape, steps):
 def test_partition_table():
   assert mesh_lib.leaf_spec("['embed']", (264, 48), 4) == jax.sharding.PartitionSpec("fsdp", None)
   assert mesh_lib.leaf_spec("['lm_head']", (48, 264), 4) == jax.sharding.PartitionSpec(None, "fsdp")
-  assert mesh_lib.leaf_spec("['layers'][0]['attn']['o_proj']", (64, 48), 4) == jax.sharding.PartitionSpec("fsdp", None)
+  # Stacked layer leaves (L, in, out) read like their layer's (in, out); the layer axis stays whole.
+  o_proj = "['layers']['full_attention']['attn']['o_proj']"
+  assert mesh_lib.leaf_spec(o_proj, (8, 64, 48), 4) == jax.sharding.PartitionSpec(None, "fsdp", None)
+  assert mesh_lib.leaf_spec(o_proj, (8, 63, 48), 4) == jax.sharding.PartitionSpec(None, None, "fsdp")
+  assert mesh_lib.leaf_spec("['layers']['linear_attention']['x']", (8, 5, 7), 4) == jax.sharding.PartitionSpec()
+  assert mesh_lib.leaf_spec("['layers']['full_attention']['input_norm']", (8, 48), 4) == jax.sharding.PartitionSpec()
   assert mesh_lib.leaf_spec("['x']", (7, 13), 4) == jax.sharding.PartitionSpec()  # nothing divisible
   assert mesh_lib.leaf_spec("['final_norm']", (48,), 4) == jax.sharding.PartitionSpec()
   assert mesh_lib.parse_mesh_flag("2,4") == (2, 4)
@@ -269,9 +280,10 @@ def test_remat_and_bf16_options():
   vg = lambda **extra: jax.jit(jax.value_and_grad(functools.partial(step_lib.batch_loss, **kw, **extra),
                                                   has_aux=True))(params, batch)
   (l0, _), g0 = vg()
-  (l1, _), g1 = vg(remat=True)
-  np.testing.assert_allclose(l1, l0, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g1, g0)
+  for remat in (True, "dots"):
+    (l1, _), g1 = vg(remat=remat)
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g1, g0)
   (l2, _), g2 = vg(compute_dtype=jnp.bfloat16)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(g2))  # float32 master weights
   assert abs(float(l2) - float(l0)) < 0.05 * abs(float(l0))

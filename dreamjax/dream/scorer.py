@@ -25,10 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dreamjax import objectives
 from dreamjax.data.jsonl import DataError
 from dreamjax.dream.memory import check_keys, read_objects
 from dreamjax.dream.scenario import Scenario, encode, prompt_text, render_chatml
-from dreamjax.model import forward, positions_from_mask
+from dreamjax.model import forward, lm_head, positions_from_mask
 
 
 class Score(NamedTuple):
@@ -171,10 +172,10 @@ DEFAULT_JUDGE = (
 @functools.partial(jax.jit, static_argnames=("config",))
 def _continuation_logprobs(params, tokens_BxT, mask_BxT, label_mask_BxT, *, config):
   """Returns the summed log-probability of the tokens where label_mask is 1 (each given its prefix)."""
-  logits, _ = forward(params, tokens_BxT, positions_from_mask(mask_BxT), mask_BxT, config=config)
-  logp_BxTxV = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-  lp_BxT = jnp.take_along_axis(logp_BxTxV, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
-  return jnp.sum(jnp.where(label_mask_BxT[:, 1:] > 0, lp_BxT, 0.0), axis=1)
+  out = forward(params, tokens_BxT, positions_from_mask(mask_BxT), mask_BxT, config=config, head=False)
+  lp = objectives.linear_sequence_logprobs(out.head_input[:, :-1], lm_head(params, config), tokens_BxT[:, 1:],
+                                    label_mask_BxT[:, 1:])
+  return lp.sum_B
 
 
 class ModelJudgeScorer:

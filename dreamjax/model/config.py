@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 FULL = "full_attention"
 LINEAR = "linear_attention"
+ATTENTION_IMPLEMENTATIONS = ("auto", "blockwise")  # see dreamjax.model.attention
 
 
 class ConfigError(ValueError):
@@ -45,6 +46,13 @@ class ModelConfig:
   eos_token_ids: tuple[int, ...] = ()  # stop tokens for sampling
   pad_token_id: Optional[int] = None  # id written into padded slots (never attended to)
   max_position_embeddings: int = 32768  # trained context length (informational; RoPE has no table)
+  # How the model runs, not what it computes (not HF fields; results agree to float round-off):
+  attention_impl: str = "auto"  # one of ATTENTION_IMPLEMENTATIONS ('auto': chosen by platform)
+  attention_block: int = 0  # query/key block of the blockwise attention; 0: by platform (CPU 256, else 512)
+  prefill_chunk: int = 4096  # a frozen context / prompt is encoded this many tokens at a time (0: at once)
+  scan_layers: bool = True  # run the layers as a lax.scan over repeating blocks (False: a Python loop)
+
+  IMPLEMENTATION_FIELDS = ("attention_impl", "attention_block", "prefill_chunk", "scan_layers")
 
   def __post_init__(self):
     if not self.layer_types:
@@ -62,6 +70,42 @@ class ModelConfig:
             f"linear_num_value_heads {self.linear_num_value_heads} must be a positive multiple of "
             f"linear_num_key_heads {self.linear_num_key_heads}"
         )
+
+    if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
+      raise ConfigError(f"attention_impl: {self.attention_impl!r} is not one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    if self.attention_block < 0 or self.prefill_chunk < 0:
+      raise ConfigError(f"attention_block ({self.attention_block}) and prefill_chunk ({self.prefill_chunk}) "
+                        "must be >= 0 (0: the default)")
+
+  @property
+  def block_pattern(self) -> tuple[str, ...]:
+    """The shortest run of layer types that repeats to make the stack (the scan's body).
+
+    Qwen3: (full,); Qwen3.5: (linear, linear, linear, full); a stack that repeats nothing is its
+    own pattern (one block).
+    """
+    n = self.num_layers
+    for p in range(1, n + 1):
+      if n % p == 0 and all(self.layer_types[i] == self.layer_types[i % p] for i in range(n)):
+        return self.layer_types[:p]
+    return self.layer_types
+
+  @property
+  def num_blocks(self) -> int:
+    """How many times `block_pattern` repeats: the length of the layer scan."""
+    return self.num_layers // len(self.block_pattern)
+
+  @property
+  def layer_kinds(self) -> tuple[str, ...]:
+    """The layer kinds present, in a fixed order (full attention first): the stacks of params['layers']."""
+    return tuple(k for k in (FULL, LINEAR) if k in self.layer_types)
+
+  def architecture(self) -> dict[str, Any]:
+    """Returns the fields that decide the parameters and the function computed (no implementation fields)."""
+    d = dataclasses.asdict(self)
+    for k in self.IMPLEMENTATION_FIELDS:
+      d.pop(k)
+    return d
 
   @property
   def rotary_dim(self) -> int:

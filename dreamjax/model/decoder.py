@@ -1,53 +1,82 @@
 """The decoder: Qwen3 (dense) and Qwen3.5 (Gated DeltaNet + gated attention) as pure functions.
 
-Params are a plain nested dict (what jit, sharding, Orbax and optax see); `layers` is a list with
-one dict per layer (the two layer kinds hold different leaves, so they are not stacked). Every
-projection matrix is 2-D and stored (in_features, out_features), y = x @ W:
+Params are a plain nested dict (what jit, sharding, Orbax and optax see). Decoder layers are
+stacked by kind (dreamjax.model.layout): every leaf of `params['layers'][kind]` has a leading
+axis over the model's layers of that kind. Every projection matrix is stored (in_features,
+out_features), y = x @ W; shapes of one layer (the stacks add the layer axis in front):
 
     embed                      (V, D)              token embedding (also the head when tied)
     lm_head                    (D, V)              absent when tie_embeddings
     final_norm                 (D,)
-    layers[i].input_norm, .post_attention_norm     (D,)
-    layers[i].mlp.{gate_proj, up_proj} (D, F); down_proj (F, D)
-    layers[i].attn (full_attention):
+    layers[kind].input_norm, .post_attention_norm  (D,)
+    layers[kind].mlp.{gate_proj, up_proj} (D, F); down_proj (F, D)
+    layers['full_attention'].attn:
       q_proj (D, H·hd·(2 if attn_output_gate)): per head [query hd | gate hd] (HF's interleaving)
       k_proj/v_proj (D, KV·hd), o_proj (H·hd, D), q_norm/k_norm (hd,)
-    layers[i].linear_attn (linear_attention, Gated DeltaNet):
+    layers['linear_attention'].linear_attn (Gated DeltaNet):
       in_proj_qkv (D, 2·Hk·dk + Hv·dv): columns [q | k | v], each head-major
       in_proj_z (D, Hv·dv), in_proj_b/in_proj_a (D, Hv), out_proj (Hv·dv, D)
       conv_weight (K, 2·Hk·dk + Hv·dv): depthwise causal conv taps, row K−1 hits the current token
       A_log/dt_bias (Hv,), norm (dv,)
 
-Names carry roles for the optimizer: APOLLO's default label function projects 2-D leaves whose
-path has none of 'embed', 'lm_head', 'norm', 'conv', so `conv_weight` (2-D but a kernel, not a
-projection), the embeddings and all norms go to its AdamW branch; 1-D leaves (norms, A_log,
-dt_bias) are never projected.
+Names carry roles for the optimizer: APOLLO's default label function projects the matrices
+(leaves of 2 dims past the layer axis) whose path has none of 'embed', 'lm_head', 'norm',
+'conv', so `conv_weight` (a kernel, not a projection), the embeddings and all norms go to its
+AdamW branch; vectors (norms, A_log, dt_bias) are never projected.
 
 Norm weights are used as stored: `w` for Qwen3, `1 + w` for Qwen3.5 (config.norm_zero_centered),
 except the DeltaNet output norm `linear_attn.norm`, which is always a plain `w` (as in HF).
 
-`forward(params, tokens, positions, mask, cache=None, *, config)` returns (logits, cache):
-without a cache it processes the whole sequence (training); with one it writes the new tokens at
-`cache.end` and continues (prefill from an empty cache, decoding, context-frozen training).
+`forward(params, tokens, positions, mask, cache=None, *, config)` returns an `Output`: without
+a cache it processes the whole sequence (training); with one it writes the new tokens at
+`cache.end` and continues (decoding, context-frozen training). `prefill` encodes a context into
+a cache, `prefill_chunk` tokens at a time. The layers run as a `lax.scan` over repeats of
+`config.block_pattern` (Qwen3: one layer; Qwen3.5: 3 DeltaNet + 1 attention), each block under an
+optional remat policy, so compile time does not grow with depth.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
+from typing import NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dreamjax.model import attention as attention_lib
 from dreamjax.model import deltanet
+from dreamjax.model import layout
 from dreamjax.model.cache import AttentionCache, Cache, DeltaNetCache, init_cache
 from dreamjax.model.config import FULL, LINEAR, ModelConfig
+from dreamjax.model.shard import batch_sharded
 
 Params = dict
 
-_NEG = -1e30  # finite "minus infinity": a query with no visible key gets uniform, finite weights
+# Remat policies of a scanned block (jax.checkpoint_policies): what the backward pass may keep.
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation: every activation is kept
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each block's input
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep projection outputs
+}
+
+
+class Output(NamedTuple):
+  """What `forward` returns; fields it was not asked for are None."""
+
+  logits: Optional[jax.Array]  # (B, T, V) in the compute dtype; None with head=False
+  cache: Optional[Cache]  # the continued cache (cache given), else None
+  head_input: jax.Array  # (B, T, D): the final-normed stream the LM head reads
+  hidden: Optional[jax.Array]  # (L + 1, B, T, D) residual entering each layer, then the last output
+  mlp_inputs: Optional[jax.Array]  # (L, B, T, D) each layer's MLP input (normed, after attention)
+
+
+class Slots(NamedTuple):
+  """Where a call's tokens sit in the attention slots (shared by every attention layer)."""
+
+  key_valid_BxS: jax.Array  # bool: slot holds a real token (S = T, or the cache's capacity)
+  q_start: jax.Array  # int32 scalar: slot of the first new token (0, or the cache's end)
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float, zero_centered: bool) -> jax.Array:
@@ -77,9 +106,14 @@ def apply_rope(x_BxTxNxH: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Arra
   return jnp.concatenate([out.astype(x_BxTxNxH.dtype), xp], axis=-1)
 
 
+def dense(x_BxTxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
+  """Returns x @ w with the batch axis split over the mesh (FSDP: the weight is gathered)."""
+  return batch_sharded(x_BxTxI @ w_IxO)
+
+
 def mlp(p: Params, x: jax.Array) -> jax.Array:
   """Returns the SwiGLU MLP: down(silu(x·gate) ⊙ x·up)."""
-  return (jax.nn.silu(x @ p["gate_proj"]) * (x @ p["up_proj"])) @ p["down_proj"]
+  return dense(jax.nn.silu(dense(x, p["gate_proj"])) * dense(x, p["up_proj"]), p["down_proj"])
 
 
 def dropout(x: jax.Array, rate: float, key: Optional[jax.Array]) -> jax.Array:
@@ -101,41 +135,39 @@ def stop_gradient_where(x_BxTx___: jax.Array, frozen_BxT: Optional[jax.Array]) -
   return jnp.where(f, jax.lax.stop_gradient(x_BxTx___), x_BxTx___)
 
 
-def attention(p, x_BxTxD, cos, sin, mask_BxT, layer_cache: Optional[AttentionCache], slots, config, frozen_BxT=None):
+def attention(p, x_BxTxD, cos, sin, slots: Slots, layer_cache: Optional[AttentionCache], config: ModelConfig,
+              frozen_BxT=None):
   """Returns (output_BxTxD, new layer cache): GQA with q/k norm, RoPE and optional output gate."""
   b, t, _ = x_BxTxD.shape
   h, kv, hd = config.num_heads, config.num_kv_heads, config.head_dim
-  q = x_BxTxD @ p["q_proj"]
+  q = dense(x_BxTxD, p["q_proj"])
   if config.attn_output_gate:  # per head: [query (hd) | gate (hd)]
     q = q.reshape(b, t, h, 2 * hd)
     q, gate = q[..., :hd], q[..., hd:].reshape(b, t, h * hd)
   else:
     q, gate = q.reshape(b, t, h, hd), None
-  k = (x_BxTxD @ p["k_proj"]).reshape(b, t, kv, hd)
-  v = (x_BxTxD @ p["v_proj"]).reshape(b, t, kv, hd)
+  k = dense(x_BxTxD, p["k_proj"]).reshape(b, t, kv, hd)
+  v = dense(x_BxTxD, p["v_proj"]).reshape(b, t, kv, hd)
   zc = config.norm_zero_centered
   q = apply_rope(rms_norm(q, p["q_norm"], config.rms_norm_eps, zc), cos, sin)
   k = apply_rope(rms_norm(k, p["k_norm"], config.rms_norm_eps, zc), cos, sin)
   k, v = stop_gradient_where(k, frozen_BxT), stop_gradient_where(v, frozen_BxT)
-  key_valid_BxS, key_slot_S, query_slot_T, end = slots
   if layer_cache is not None:
-    write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), end, axis=1)
-    k_all, v_all = write(layer_cache.k_BxSxKxH, k), write(layer_cache.v_BxSxKxH, v)
+    write = lambda buf, new: batch_sharded(
+        jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), slots.q_start, axis=1))
+    k_all, v_all = write(layer_cache.k, k), write(layer_cache.v, v)
     new_cache = AttentionCache(k_all, v_all)
   else:
     k_all, v_all, new_cache = k, v, None
-  qg = q.reshape(b, t, kv, h // kv, hd)
-  scores = jnp.einsum("btkgh,bskh->bkgts", qg, k_all.astype(q.dtype), preferred_element_type=jnp.float32)
-  scores = scores * (hd**-0.5)
-  allowed = key_valid_BxS[:, None, None, None, :] & (key_slot_S[None, :] <= query_slot_T[:, None])
-  weights = jax.nn.softmax(jnp.where(allowed, scores, _NEG), axis=-1).astype(v_all.dtype)
-  out = jnp.einsum("bkgts,bskh->btkgh", weights, v_all).reshape(b, t, h * hd).astype(x_BxTxD.dtype)
+  out = attention_lib.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), slots.key_valid_BxS,
+                                            slots.q_start, impl=config.attention_impl, block=config.attention_block)
+  out = out.reshape(b, t, h * hd).astype(x_BxTxD.dtype)
   if gate is not None:
     out = out * jax.nn.sigmoid(gate)
-  return out @ p["o_proj"], new_cache
+  return dense(out, p["o_proj"]), new_cache
 
 
-def gated_deltanet(p, x_BxTxD, mask_BxT, layer_cache: Optional[DeltaNetCache], config, frozen_BxT=None):
+def gated_deltanet(p, x_BxTxD, mask_BxT, layer_cache: Optional[DeltaNetCache], config: ModelConfig, frozen_BxT=None):
   """Returns (output_BxTxD, new layer cache) of a Gated DeltaNet layer.
 
   beta = σ(x·W_b), g = −exp(A_log)·softplus(x·W_a + dt_bias). Padded tokens get beta = 0 and
@@ -147,23 +179,23 @@ def gated_deltanet(p, x_BxTxD, mask_BxT, layer_cache: Optional[DeltaNetCache], c
   dk, dv = config.linear_key_head_dim, config.linear_value_head_dim
   m = mask_BxT.astype(x_BxTxD.dtype)
   x = x_BxTxD * m[..., None]
-  qkv = x @ p["in_proj_qkv"]
-  z = (x @ p["in_proj_z"]).reshape(b, t, hv, dv)
+  qkv = dense(x, p["in_proj_qkv"])
+  z = dense(x, p["in_proj_z"]).reshape(b, t, hv, dv)
   mf = m.astype(jnp.float32)[..., None]
-  beta = jax.nn.sigmoid((x @ p["in_proj_b"]).astype(jnp.float32)) * mf
+  beta = jax.nn.sigmoid(dense(x, p["in_proj_b"]).astype(jnp.float32)) * mf
   g = -jnp.exp(p["A_log"].astype(jnp.float32)) * jax.nn.softplus(
-      (x @ p["in_proj_a"]).astype(jnp.float32) + p["dt_bias"].astype(jnp.float32)) * mf
+      dense(x, p["in_proj_a"]).astype(jnp.float32) + p["dt_bias"].astype(jnp.float32)) * mf
   # Everything a frozen position passes on to later ones: its conv input, beta and g ...
   qkv, beta, g = (stop_gradient_where(a, frozen_BxT) for a in (qkv, beta, g))
   k_conv = config.linear_conv_kernel
-  tail = layer_cache.conv_BxKm1xC if layer_cache is not None else jnp.zeros((b, k_conv - 1, qkv.shape[-1]), qkv.dtype)
+  tail = layer_cache.conv if layer_cache is not None else jnp.zeros((b, k_conv - 1, qkv.shape[-1]), qkv.dtype)
   qkv, new_tail = deltanet.causal_conv(qkv, p["conv_weight"], tail, mask_BxT)
   qkv = stop_gradient_where(qkv, frozen_BxT)  # ... and its conv output (q, k, v)
   kd = config.linear_key_dim
   q = qkv[..., :kd].reshape(b, t, hk, dk)
   k = qkv[..., kd : 2 * kd].reshape(b, t, hk, dk)
   v = qkv[..., 2 * kd :].reshape(b, t, hv, dv)
-  state = layer_cache.state_BxHxKxV if layer_cache is not None else None
+  state = layer_cache.state if layer_cache is not None else None
   if t == 1:
     o, new_state = deltanet.recurrent_delta_rule(q, k, v, g, beta, state)
   else:
@@ -171,23 +203,98 @@ def gated_deltanet(p, x_BxTxD, mask_BxT, layer_cache: Optional[DeltaNetCache], c
   # Gated RMSNorm per head: w · norm(o) · silu(z) (w is a plain scale, not zero-centred).
   o = rms_norm(o, p["norm"], config.rms_norm_eps, zero_centered=False)
   o = (o.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))).astype(x.dtype)
-  out = o.reshape(b, t, hv * dv) @ p["out_proj"]
+  out = dense(o.reshape(b, t, hv * dv), p["out_proj"])
   new_cache = DeltaNetCache(new_state, new_tail.astype(tail.dtype)) if layer_cache is not None else None
   return out, new_cache
 
 
-def _layer(p, kind, x, cos, sin, mask, layer_cache, slots, config, frozen=None, rate=0.0, key=None):
+class _Inputs(NamedTuple):
+  """What every layer of one forward call reads besides its own params and cache."""
+
+  cos: jax.Array
+  sin: jax.Array
+  mask_BxT: jax.Array  # bool
+  slots: Slots
+  frozen_BxT: Optional[jax.Array]  # stop_gradient positions
+  dropout_rate: float
+  dropout_key: Optional[jax.Array]
+
+
+def _layer(p, x, layer_cache, inp: _Inputs, *, kind: str, index, config: ModelConfig):
+  """Returns (x, new layer cache, MLP input) of decoder layer `index` (traced inside the scan)."""
   zc, eps = config.norm_zero_centered, config.rms_norm_eps
-  keys = jax.random.split(key) if rate and key is not None else (None, None)
+  keys = (jax.random.split(jax.random.fold_in(inp.dropout_key, index)) if inp.dropout_key is not None
+          else (None, None))
   h = rms_norm(x, p["input_norm"], eps, zc)
   if kind == FULL:
-    out, new_cache = attention(p["attn"], h, cos, sin, mask, layer_cache, slots, config, frozen)
+    out, new_cache = attention(p["attn"], h, inp.cos, inp.sin, inp.slots, layer_cache, config, inp.frozen_BxT)
   else:
-    out, new_cache = gated_deltanet(p["linear_attn"], h, mask, layer_cache, config, frozen)
-  x = x + dropout(out, rate, keys[0])
+    out, new_cache = gated_deltanet(p["linear_attn"], h, inp.mask_BxT, layer_cache, config, inp.frozen_BxT)
+  x = x + dropout(out, inp.dropout_rate, keys[0])
   mlp_in = rms_norm(x, p["post_attention_norm"], eps, zc)
-  x = x + dropout(mlp(p["mlp"], mlp_in), rate, keys[1])
-  return stop_gradient_where(x, frozen), new_cache, mlp_in
+  x = x + dropout(mlp(p["mlp"], mlp_in), inp.dropout_rate, keys[1])
+  return batch_sharded(stop_gradient_where(x, inp.frozen_BxT)), new_cache, mlp_in
+
+
+def _remat_policy(remat: Union[bool, str]):
+  name = {True: "full", False: "none"}.get(remat, remat) if isinstance(remat, bool) else remat
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"remat must be a bool or one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+  return name, REMAT_POLICIES[name]
+
+
+def _run_layers(params, x, cache: Optional[Cache], inp: _Inputs, config: ModelConfig, remat, want_hidden: bool,
+                want_mlp_inputs: bool):
+  """Returns (x, {kind: new stacked layer cache} or None, hidden (L, …) or None, mlp inputs (L, …) or None).
+
+  The layers run as `num_blocks` repeats of `block_pattern`: a lax.scan whose body is one block
+  (config.scan_layers), or the same body in a Python loop.
+  """
+  pattern, n_blocks = config.block_pattern, config.num_blocks
+  per_block = {kind: pattern.count(kind) for kind in config.layer_kinds}
+  # (L_kind, ...) -> (num_blocks, per block, ...): block r holds layers r·P … r·P + P − 1.
+  to_blocks = lambda tree, kind: jax.tree.map(lambda a: a.reshape(n_blocks, per_block[kind], *a.shape[1:]), tree)
+  xs_params = {kind: to_blocks(params[layout.LAYERS][kind], kind) for kind in per_block}
+  xs_cache = {kind: to_blocks(cache.layers[kind], kind) for kind in per_block} if cache is not None else None
+
+  def block(x, xs):
+    r, p_blk, c_blk = xs
+    new_caches = {kind: [] for kind in per_block}
+    hidden, mlp_inputs, seen = [], [], dict.fromkeys(per_block, 0)
+    for j, kind in enumerate(pattern):
+      idx = seen[kind]
+      seen[kind] += 1
+      p = jax.tree.map(lambda a: a[idx], p_blk[kind])
+      lc = jax.tree.map(lambda a: a[idx], c_blk[kind]) if c_blk is not None else None
+      hidden.append(x)
+      x, lc, u = _layer(p, x, lc, inp, kind=kind, index=r * len(pattern) + j, config=config)
+      new_caches[kind].append(lc)
+      mlp_inputs.append(u)
+    stacked = ({kind: jax.tree.map(lambda *a: jnp.stack(a), *cs) for kind, cs in new_caches.items()}
+               if c_blk is not None else None)
+    return x, (stacked, jnp.stack(hidden) if want_hidden else None, jnp.stack(mlp_inputs) if want_mlp_inputs else None)
+
+  name, policy = _remat_policy(remat)
+  if name != "none":
+    block = jax.checkpoint(block, policy=policy, prevent_cse=not config.scan_layers)
+  if config.scan_layers:
+    x, ys = jax.lax.scan(block, x, (jnp.arange(n_blocks), xs_params, xs_cache))
+  else:
+    outs = []
+    for r in range(n_blocks):
+      x, y = block(x, jax.tree.map(lambda a: a[r], (jnp.arange(n_blocks), xs_params, xs_cache)))
+      outs.append(y)
+    ys = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+  new_caches, hidden, mlp_inputs = ys
+  flat = lambda a: a.reshape(a.shape[0] * a.shape[1], *a.shape[2:])  # (blocks, per block, ...) -> (L, ...)
+  if new_caches is not None:
+    new_caches = jax.tree.map(flat, new_caches)
+  return x, new_caches, None if hidden is None else flat(hidden), None if mlp_inputs is None else flat(mlp_inputs)
+
+
+def lm_head(params: Params, config: ModelConfig) -> jax.Array:
+  """Returns the (D, V) LM head matrix (the embedding's transpose when tied)."""
+  return params["embed"].T if config.tie_embeddings else params["lm_head"]
 
 
 def forward(
@@ -198,16 +305,15 @@ def forward(
     cache: Optional[Cache] = None,
     *,
     config: ModelConfig,
-    remat: bool = False,
+    head: bool = True,
+    remat: Union[bool, str] = False,
     return_hidden: bool = False,
     return_mlp_inputs: bool = False,
     stop_gradient_BxT: Optional[jax.Array] = None,
     dropout_rate: float = 0.0,
     dropout_key: Optional[jax.Array] = None,
-):
-  """Returns (logits_BxTxV, cache) — or (logits, cache, hidden) with return_hidden.
-
-  With return_mlp_inputs a further list follows: (logits, cache[, hidden], mlp_inputs).
+) -> Output:
+  """Returns an `Output`: logits (or, with head=False, only what the head would read) and the cache.
 
   Args:
     tokens_BxT, positions_BxT: token ids and their RoPE positions (explicit, so left padding works).
@@ -215,59 +321,80 @@ def forward(
       contexts, right-padded responses): no real token attends to them, and they change neither
       the DeltaNet recurrent state nor its conv window, so real tokens get the logits they would
       get without the pads. Logits at pads are finite but meaningless.
-    cache: None (whole sequence, returns cache None) or a Cache to continue from: the T tokens
+    cache: None (whole sequence; Output.cache is None) or a Cache to continue from: the T tokens
       are written at slots [cache.end, cache.end + T). That must fit in its capacity: T alone is
       checked here, but `end` is traced, and XLA clamps an out-of-range write (it would silently
       overwrite the last slots), so size the cache for the whole continuation.
-    remat: rematerialise each decoder layer in the backward pass (jax.checkpoint).
+    head: apply the LM head (False: logits None; callers that score a few positions apply
+      `lm_head` to `head_input` there, e.g. `objectives.linear_sequence_logprobs`).
+    remat: rematerialise each scanned block in the backward pass: False / 'none', True / 'full'
+      (keep only block inputs), 'dots' (keep projection outputs) — see REMAT_POLICIES.
     return_hidden: also return the residual stream entering each layer and the final one,
-      a list of L + 1 arrays (B, T, D) (for per-layer health monitors).
+      (L + 1, B, T, D) (for per-layer health monitors).
     return_mlp_inputs: also return each layer's MLP input (the normed residual after attention),
-      a list of L arrays (B, T, D); x·W_gate of it is the gate pre-activation (dead-unit counts).
+      (L, B, T, D); x·W_gate of it is the gate pre-activation (dead-unit counts).
     stop_gradient_BxT: optional bool mask of positions whose activations carry no gradient, at
       every layer: their residual stream, attention keys/values, DeltaNet conv inputs, beta and g.
       A full-sequence pass with the context (all but its last token) masked has exactly the
       gradient of the train step's frozen mode: the reference that mode is tested against.
     dropout_rate, dropout_key: training-time residual dropout (GPT-2's resid_pdrop): every
       attention / DeltaNet and MLP output is dropped (`dropout`) before it joins the residual
-      stream, with a key per layer and branch folded from dropout_key. 0 or no key: off.
+      stream, with a key per layer (fold_in(dropout_key, layer)) and branch. 0 or no key: off.
   """
-  b, t = tokens_BxT.shape
+  t = tokens_BxT.shape[1]
   mask = mask_BxT.astype(bool)
-  x = stop_gradient_where(jnp.take(params["embed"], tokens_BxT, axis=0), stop_gradient_BxT)
+  if not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+  x = batch_sharded(stop_gradient_where(jnp.take(params["embed"], tokens_BxT, axis=0), stop_gradient_BxT))
   cos, sin = rope_tables(positions_BxT, config)
   if cache is not None:
     if t > cache.capacity:
       raise ValueError(f"forward: {t} new tokens do not fit a cache of capacity {cache.capacity}")
-    end = cache.end
-    valid = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, mask, end, axis=1)
-    slots = (valid, jnp.arange(cache.capacity), end + jnp.arange(t), end)
+    valid = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, mask, cache.end, axis=1)
+    slots = Slots(valid, cache.end)
   else:
-    slots = (mask, jnp.arange(t), jnp.arange(t), 0)
-  layer_fn = jax.checkpoint(_layer, static_argnums=(1, 8, 10)) if remat else _layer
-  if not 0.0 <= dropout_rate < 1.0:
-    raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+    slots = Slots(mask, jnp.zeros((), jnp.int32))
   dropping = bool(dropout_rate) and dropout_key is not None
-  new_layers, hidden, mlp_inputs = [], [], []
-  for i, (kind, p) in enumerate(zip(config.layer_types, params["layers"])):
-    hidden.append(x)
-    drop = (float(dropout_rate), jax.random.fold_in(dropout_key, i)) if dropping else (0.0, None)
-    x, lc, mlp_in = layer_fn(p, kind, x, cos, sin, mask, cache.layers[i] if cache is not None else None, slots, config,
-                             stop_gradient_BxT, *drop)
-    new_layers.append(lc)
-    mlp_inputs.append(mlp_in)
-  hidden.append(x)
+  inp = _Inputs(cos, sin, mask, slots, stop_gradient_BxT, float(dropout_rate) if dropping else 0.0,
+                dropout_key if dropping else None)
+  x, new_layers, hidden, mlp_inputs = _run_layers(params, x, cache, inp, config, remat, return_hidden,
+                                                  return_mlp_inputs)
+  if hidden is not None:
+    hidden = jnp.concatenate([hidden, x[None]], axis=0)
   x = rms_norm(x, params["final_norm"], config.rms_norm_eps, config.norm_zero_centered)
-  head = params["embed"].T if config.tie_embeddings else params["lm_head"]
-  logits = x @ head
-  new_cache = Cache(tuple(new_layers), slots[0], cache.end + t) if cache is not None else None
-  return (logits, new_cache) + ((hidden,) if return_hidden else ()) + ((mlp_inputs,) if return_mlp_inputs else ())
+  logits = x @ lm_head(params, config) if head else None
+  new_cache = Cache(new_layers, slots.key_valid_BxS, cache.end + t) if cache is not None else None
+  return Output(logits, new_cache, x, hidden, mlp_inputs)
 
 
-def prefill(params, tokens_BxT, positions_BxT, mask_BxT, *, config: ModelConfig, capacity: int, dtype=None):
-  """Returns (logits, cache): the tokens run from an empty cache with room for `capacity` tokens."""
-  cache = init_cache(config, tokens_BxT.shape[0], capacity, dtype or params["embed"].dtype)
-  return forward(params, tokens_BxT, positions_BxT, mask_BxT, cache, config=config)
+def prefill(params, tokens_BxT, positions_BxT, mask_BxT, *, config: ModelConfig, capacity: int, dtype=None) -> Cache:
+  """Returns the cache of the tokens run from an empty cache, with room for `capacity` tokens.
+
+  The tokens go in `config.prefill_chunk` at a time (a lax.scan continuing the cache: K/V slots
+  and DeltaNet state carry over), so memory grows linearly with the context, and no LM head is
+  applied. A T that is not a multiple of the chunk is left-padded (pads are invisible: mask 0);
+  the cache then has those extra slots in front, `capacity` + pad in all.
+  """
+  b, t = tokens_BxT.shape
+  if t > capacity:
+    raise ValueError(f"prefill: {t} tokens do not fit a cache of capacity {capacity}")
+  chunk = config.prefill_chunk
+  pad = (-t) % chunk if chunk and t > chunk else 0
+  cache = init_cache(config, b, capacity + pad, dtype or params["embed"].dtype)
+  if t == 0:
+    return cache
+  if not pad and (not chunk or t <= chunk):
+    return forward(params, tokens_BxT, positions_BxT, mask_BxT, cache, config=config, head=False).cache
+  left = lambda x: jnp.pad(x, [(0, 0), (pad, 0)])
+  n = (t + pad) // chunk
+  chunks = [jnp.moveaxis(left(x).reshape(b, n, chunk), 1, 0) for x in (tokens_BxT, positions_BxT, mask_BxT)]
+
+  def one(cache, xs):
+    tok, pos, m = xs
+    return forward(params, tok, pos, m, cache, config=config, head=False).cache, None
+
+  cache, _ = jax.lax.scan(one, cache, tuple(chunks))
+  return cache
 
 
 def positions_from_mask(mask_BxT: jax.Array, offset_B: Optional[jax.Array] = None) -> jax.Array:
@@ -280,7 +407,8 @@ def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, std: flo
   """Returns randomly initialised params (normal(0, std) matrices; norms at identity).
 
   Jitted, with one random draw per kind of tensor (not one per tensor), so it compiles in well
-  under a second for tiny configs and can be vmapped over keys.
+  under a second for tiny configs and can be vmapped over keys. The draws are laid out layer by
+  layer and then stacked, so a seed gives the same weights whatever the stacking.
   """
   return _init_params(config, key, jnp.dtype(dtype), float(std))
 
@@ -326,4 +454,5 @@ def _init_params(config: ModelConfig, key: jax.Array, dtype, std: float) -> Para
     lin = [p["linear_attn"] for p in params["layers"] if "linear_attn" in p]
     for i, p in enumerate(lin):
       p["conv_weight"], p["A_log"] = conv[i].astype(dtype), a_log[i].astype(dtype)
+  params["layers"] = layout.stack(params["layers"], config)
   return params

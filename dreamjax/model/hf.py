@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
+from dreamjax.model import layout
 from dreamjax.model.config import FULL, ConfigError, ModelConfig
 
 # HF prefixes of the text decoder: Qwen3ForCausalLM / Qwen3_5ForCausalLM use "model.", the
@@ -30,36 +31,41 @@ class CheckpointError(ValueError):
   """A model folder's weights are missing, incomplete or do not match its config."""
 
 
-def _entries(config: ModelConfig) -> Iterator[tuple[tuple, str, str, tuple]]:
-  """Yields (param path, HF name without prefix, layout kind, our shape) for every parameter."""
+def _entries(config: ModelConfig) -> Iterator[tuple[tuple, Optional[int], str, str, tuple]]:
+  """Yields (param path, layer slot or None, HF name without prefix, layout kind, our shape) per tensor.
+
+  A layer tensor's path is its stacked leaf ('layers', kind, ...) and the slot its index in that
+  stack (dreamjax.model.layout); the shape is one layer's.
+  """
   d, f = config.hidden_size, config.intermediate_size
-  yield ("embed",), "embed_tokens.weight", "same", (config.vocab_size, d)
-  yield ("final_norm",), "norm.weight", "same", (d,)
+  yield ("embed",), None, "embed_tokens.weight", "same", (config.vocab_size, d)
+  yield ("final_norm",), None, "norm.weight", "same", (d,)
   for i, kind in enumerate(config.layer_types):
-    pre, lp = f"layers.{i}.", ("layers", i)
-    yield lp + ("input_norm",), pre + "input_layernorm.weight", "same", (d,)
-    yield lp + ("post_attention_norm",), pre + "post_attention_layernorm.weight", "same", (d,)
+    pre, lp, j = f"layers.{i}.", (layout.LAYERS, kind), layout.kind_index(config, i)[1]
+    yield lp + ("input_norm",), j, pre + "input_layernorm.weight", "same", (d,)
+    yield lp + ("post_attention_norm",), j, pre + "post_attention_layernorm.weight", "same", (d,)
     for name, shape in (("gate_proj", (d, f)), ("up_proj", (d, f)), ("down_proj", (f, d))):
-      yield lp + ("mlp", name), f"{pre}mlp.{name}.weight", "linear", shape
+      yield lp + ("mlp", name), j, f"{pre}mlp.{name}.weight", "linear", shape
     if kind == FULL:
       h, kv, hd = config.num_heads, config.num_kv_heads, config.head_dim
       qw = h * hd * (2 if config.attn_output_gate else 1)
       for name, shape in (("q_proj", (d, qw)), ("k_proj", (d, kv * hd)), ("v_proj", (d, kv * hd)),
                           ("o_proj", (h * hd, d))):
-        yield lp + ("attn", name), f"{pre}self_attn.{name}.weight", "linear", shape
+        yield lp + ("attn", name), j, f"{pre}self_attn.{name}.weight", "linear", shape
       for name in ("q_norm", "k_norm"):
-        yield lp + ("attn", name), f"{pre}self_attn.{name}.weight", "same", (hd,)
+        yield lp + ("attn", name), j, f"{pre}self_attn.{name}.weight", "same", (hd,)
     else:
       hv, la = config.linear_num_value_heads, lp + ("linear_attn",)
       for name, shape in (("in_proj_qkv", (d, config.linear_conv_dim)), ("in_proj_z", (d, config.linear_value_dim)),
                           ("in_proj_b", (d, hv)), ("in_proj_a", (d, hv)), ("out_proj", (config.linear_value_dim, d))):
-        yield la + (name,), f"{pre}linear_attn.{name}.weight", "linear", shape
-      yield la + ("conv_weight",), f"{pre}linear_attn.conv1d.weight", "conv", (config.linear_conv_kernel, config.linear_conv_dim)
-      yield la + ("A_log",), f"{pre}linear_attn.A_log", "same", (hv,)
-      yield la + ("dt_bias",), f"{pre}linear_attn.dt_bias", "same", (hv,)
-      yield la + ("norm",), f"{pre}linear_attn.norm.weight", "same", (config.linear_value_head_dim,)
+        yield la + (name,), j, f"{pre}linear_attn.{name}.weight", "linear", shape
+      yield (la + ("conv_weight",), j, f"{pre}linear_attn.conv1d.weight", "conv",
+             (config.linear_conv_kernel, config.linear_conv_dim))
+      yield la + ("A_log",), j, f"{pre}linear_attn.A_log", "same", (hv,)
+      yield la + ("dt_bias",), j, f"{pre}linear_attn.dt_bias", "same", (hv,)
+      yield la + ("norm",), j, f"{pre}linear_attn.norm.weight", "same", (config.linear_value_head_dim,)
   if not config.tie_embeddings:
-    yield ("lm_head",), "lm_head.weight", "linear", (d, config.vocab_size)
+    yield ("lm_head",), None, "lm_head.weight", "linear", (d, config.vocab_size)
 
 
 def _to_ours(x, kind):
@@ -114,15 +120,22 @@ def _host():
 def _set(tree, path, value):
   node = tree
   for key in path[:-1]:
-    node = node[key]
+    node = node.setdefault(key, {})
   node[path[-1]] = value
 
 
-def _skeleton(config: ModelConfig) -> dict:
-  layers = []
-  for kind in config.layer_types:
-    layers.append({"mlp": {}, ("attn" if kind == FULL else "linear_attn"): {}})
-  return {"layers": layers}
+def _get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _by_leaf(config: ModelConfig) -> dict[tuple, list]:
+  """Returns {param path: [(slot, HF name, layout kind, one tensor's shape), ...]} in _entries order."""
+  leaves: dict[tuple, list] = {}
+  for path, slot, name, kind, shape in _entries(config):
+    leaves.setdefault(path, []).append((slot, name, kind, shape))
+  return leaves
 
 
 def load_params(
@@ -133,10 +146,14 @@ def load_params(
 ) -> dict:
   """Returns params read from a HF folder, one tensor at a time, cast to `dtype`.
 
+  A stacked layer leaf (dreamjax.model.layout) is assembled on the host from its layers'
+  tensors and handed on whole, so host memory holds at most one stacked leaf (e.g. every
+  attention layer's q_proj) besides the tensor being read.
+
   Args:
-    place: optional `(path, array) -> array` called on each tensor as soon as it is read, with
-      its params path, e.g. `('layers', 3, 'attn', 'q_proj')` or `('embed',)`, and the array
-      (already in our layout and `dtype`, on the host CPU), e.g.
+    place: optional `(path, array) -> array` called on each leaf as soon as it is assembled, with
+      its params path, e.g. `('layers', 'full_attention', 'attn', 'q_proj')` or `('embed',)`, and
+      the array (in our layout and `dtype`, on the host CPU), e.g.
       `lambda path, x: jax.device_put(x, sharding_for(path))`; default: the default device.
   """
   config = config or ModelConfig.from_hf(folder)
@@ -151,27 +168,33 @@ def load_params(
         short = full[len(p) :]
         break
     by_name[short] = full
-  params = _skeleton(config)
+  params: dict = {}
   expected = set()
   handles = {}
+
+  def read(path, name, kind, shape):
+    if name not in by_name:
+      raise CheckpointError(f"{folder}: tensor '{name}' is missing from the checkpoint (needed for {path})")
+    full = by_name[name]
+    fname = files[full]
+    if fname not in handles:
+      handles[fname] = safe_open(fname, framework="flax")
+    x = handles[fname].get_tensor(full)
+    hf_shape = tuple(_to_hf(np.empty(shape, np.int8), kind).shape)
+    if tuple(x.shape) != hf_shape:
+      raise CheckpointError(
+          f"{fname}: tensor '{full}' has shape {tuple(x.shape)}; the config expects {hf_shape} "
+          f"(ours: {shape} for {path})"
+      )
+    return _to_ours(x, kind).astype(dtype)
+
   try:
-    for path, name, kind, shape in _entries(config):
-      expected.add(name)
-      if name not in by_name:
-        raise CheckpointError(f"{folder}: tensor '{name}' is missing from the checkpoint (needed for {path})")
-      full = by_name[name]
-      fname = files[full]
-      if fname not in handles:
-        handles[fname] = safe_open(fname, framework="flax")
-      with _host():  # read, transpose and cast on the host CPU; `place` moves it on
-        x = handles[fname].get_tensor(full)
-        hf_shape = tuple(_to_hf(np.empty(shape, np.int8), kind).shape)
-        if tuple(x.shape) != hf_shape:
-          raise CheckpointError(
-              f"{fname}: tensor '{full}' has shape {tuple(x.shape)}; the config expects {hf_shape} "
-              f"(ours: {shape} for {path})"
-          )
-        x = _to_ours(x, kind).astype(dtype)
+    for path, members in _by_leaf(config).items():
+      expected.update(name for _, name, _, _ in members)
+      with _host():  # read, transpose, cast and stack on the host CPU; `place` moves it on
+        parts = [read(path, name, kind, shape) for _, name, kind, shape in members]
+        x = parts[0] if members[0][0] is None else jnp.stack(parts)
+        del parts
       x = place(path, x) if place is not None else jax.device_put(x, jax.devices()[0])
       _set(params, path, x)
   finally:
@@ -189,18 +212,16 @@ def load_params(
 def save_hf(folder: str, params: dict, config: ModelConfig, max_shard_bytes: int = 4 << 30) -> None:
   """Writes config.json and safetensors (sharded with an index past max_shard_bytes) to `folder`.
 
-  Tensors are gathered one at a time into the current shard; transformers loads the folder with
-  `AutoModelForCausalLM.from_pretrained`.
+  Tensors are gathered one layer at a time into the current shard; transformers loads the folder
+  with `AutoModelForCausalLM.from_pretrained`.
   """
   from safetensors.numpy import save_file
 
   os.makedirs(folder, exist_ok=True)
   shards, current, size = [], {}, 0
-  for path, name, kind, _ in _entries(config):
-    node = params
-    for key in path:
-      node = node[key]
-    x = np.asarray(jax.device_get(node))  # bfloat16 stays bfloat16 (an ml_dtypes numpy dtype)
+  for path, slot, name, kind, _ in _entries(config):
+    node = _get(params, path)
+    x = np.asarray(jax.device_get(node if slot is None else node[slot]))  # bfloat16 stays bfloat16
     x = np.ascontiguousarray(_to_hf(x, kind))
     if current and size + x.nbytes > max_shard_bytes:
       shards.append(current)

@@ -58,7 +58,12 @@ def _generate(params, tokens_BxP, mask_BxP, temperature_B, top_p_B, stop_tokens,
               max_new_tokens, pad_id):
   b, p = tokens_BxP.shape
   positions = positions_from_mask(mask_BxP)
-  logits, cache = prefill(params, tokens_BxP, positions, mask_BxP, config=config, capacity=p + max_new_tokens)
+  # The prompt but its last token fills the cache (in chunks, no LM head); the last token's pass
+  # gives the first logits. Prompts are left-padded, so every row's last token is real.
+  cache = prefill(params, tokens_BxP[:, :-1], positions[:, :-1], mask_BxP[:, :-1], config=config,
+                  capacity=p + max_new_tokens)
+  first = forward(params, tokens_BxP[:, -1:], positions[:, -1:], mask_BxP[:, -1:], cache, config=config)
+  logits, cache = first.logits, first.cache
   next_pos = positions[:, -1] + 1
   out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
   lps = jnp.zeros((b, max_new_tokens), jnp.float32)
@@ -76,9 +81,9 @@ def _generate(params, tokens_BxP, mask_BxP, temperature_B, top_p_B, stop_tokens,
     lps = lps.at[:, i].set(jnp.where(live, lp, 0.0))
     lengths = lengths + live.astype(jnp.int32)
     done = done | jnp.any(tok[:, None] == stop_tokens[None, :], axis=-1)
-    step_logits, cache = forward(params, tok[:, None], (next_pos + i)[:, None], live[:, None].astype(jnp.int32),
-                                 cache, config=config)
-    return i + 1, step_logits[:, 0], cache, done, out, lps, lengths
+    step = forward(params, tok[:, None], (next_pos + i)[:, None], live[:, None].astype(jnp.int32), cache,
+                   config=config)
+    return i + 1, step.logits[:, 0], step.cache, done, out, lps, lengths
 
   init = (jnp.int32(0), logits[:, -1], cache, jnp.zeros((b,), bool), out, lps, jnp.zeros((b,), jnp.int32))
   _, _, _, _, out, lps, lengths = jax.lax.while_loop(cond, body, init)

@@ -12,4 +12,5 @@ from dreamjax.optim.apollo import (
     projection_side,
     scale_by_adam_reference,
     scale_by_apollo,
+    stacked_axes,
 )

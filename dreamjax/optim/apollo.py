@@ -41,6 +41,7 @@ ProjectionFn = Callable[[chex.PRNGKey, tuple[int, int], int, str], chex.Array]
 # Substrings of a parameter path that keep a 2-D leaf out of the projected branch: token
 # embeddings and the LM head (the paper keeps them in AdamW), norms and convolution kernels.
 _DENSE_NAME_PARTS = ("embed", "lm_head", "norm", "conv")
+_STACK_KEY = "layers"  # leaves under this key carry a leading stacked (layer) axis
 
 
 def gaussian_projection(key: chex.PRNGKey, shape: tuple[int, int], rank: int, side: str) -> chex.Array:
@@ -67,16 +68,26 @@ def projection_key(leaf_key: chex.PRNGKey, refresh_index: chex.Numeric) -> chex.
   return jax.random.fold_in(leaf_key, refresh_index)
 
 
+def stacked_axes(path: tuple[Any, ...]) -> int:
+  """Returns how many leading axes of a leaf stack independent matrices: 1 under a 'layers' key.
+
+  Scanned models store each layer parameter as one leaf with a leading layer axis (the layout of
+  dreamjax.model, flax's nn.scan and MaxText's scan_layers, under 'layers'); an (L, m, n) leaf is
+  L matrices of m×n, each with its own projection, moments, scaling and limiter.
+  """
+  return int(any(getattr(k, "key", None) == _STACK_KEY for k in path))
+
+
 def default_label_fn(params: chex.ArrayTree) -> chex.ArrayTree:
-  """Returns 'apollo' for 2-D weight matrices and 'adam' for the rest.
+  """Returns 'apollo' for weight matrices (2 dims past any stacked axes) and 'adam' for the rest.
 
   Token embeddings, the LM head, norms and conv kernels go to 'adam' by name (any path entry
-  containing 'embed', 'lm_head', 'norm' or 'conv').
+  containing 'embed', 'lm_head', 'norm' or 'conv'); so do vectors, stacked or not.
   """
 
   def label(path, leaf):
     names = jax.tree_util.keystr(path).lower()
-    if jnp.ndim(leaf) == 2 and not any(part in names for part in _DENSE_NAME_PARTS):
+    if jnp.ndim(leaf) - stacked_axes(path) == 2 and not any(part in names for part in _DENSE_NAME_PARTS):
       return "apollo"
     return "adam"
 
@@ -90,13 +101,17 @@ def _as_key(key: int | chex.PRNGKey) -> chex.PRNGKey:
 
 
 class ScaleByApolloState(NamedTuple):
-  """State of `scale_by_apollo`; per projected m×n leaf exactly 2·r·max(m, n) moment numbers."""
+  """State of `scale_by_apollo`; per projected m×n matrix exactly 2·r·max(m, n) moment numbers.
+
+  A stacked leaf (L, m, n) (see `stacked_axes`) holds L matrices: each field below then has the
+  leading L axis too, one entry per matrix.
+  """
 
   count: chex.Array  # int32 scalar: steps taken (t before increment).
-  mu: optax.Updates  # per leaf: first low-rank moment, (m, r) right / (r, n) left, mu_dtype.
-  nu: optax.Updates  # per leaf: second low-rank moment, same shape and dtype as mu.
-  key: optax.Updates  # per leaf: raw PRNG key (uint32[2] for threefry) — P is derived from it.
-  prev_norm: optax.Updates  # per leaf: float32 scalar, ||U|| after the previous limiter step.
+  mu: optax.Updates  # per matrix: first low-rank moment, (m, r) right / (r, n) left, mu_dtype.
+  nu: optax.Updates  # per matrix: second low-rank moment, same shape and dtype as mu.
+  key: optax.Updates  # per matrix: raw PRNG key (uint32[2] for threefry) — P is derived from it.
+  prev_norm: optax.Updates  # per matrix: float32 scalar, ||U|| after the previous limiter step.
 
 
 def scale_by_apollo(
@@ -144,14 +159,29 @@ def scale_by_apollo(
   def moment_dtype(leaf):
     return jnp.dtype(mu_dtype) if mu_dtype is not None else jnp.promote_types(leaf.dtype, jnp.float32)
 
-  def moment_shape(path, leaf):
-    if jnp.ndim(leaf) != 2:
+  def split_shape(path, leaf):
+    """Returns (stack shape, (m, n)) of a leaf: its stacked axes and the matrix shape."""
+    k = stacked_axes(path)
+    if jnp.ndim(leaf) - k != 2:
       raise ValueError(
           f"scale_by_apollo: leaf {jax.tree_util.keystr(path)} has shape {jnp.shape(leaf)}; "
-          "only 2-D matrices can be projected (route the others to the AdamW branch)"
+          f"only matrices ({'stacked ' * bool(k)}2-D) can be projected (route the others to the AdamW branch)"
       )
-    m, n = leaf.shape
-    return (m, rank) if projection_side(leaf.shape) == "right" else (rank, n)
+    return tuple(leaf.shape[:k]), tuple(leaf.shape[k:])
+
+  def moment_shape(path, leaf):
+    stack, (m, n) = split_shape(path, leaf)
+    return stack + ((m, rank) if projection_side((m, n)) == "right" else (rank, n))
+
+  def leaf_keys(path, leaf):
+    """Returns the leaf's key, or for a stacked leaf one key per matrix: fold_in(leaf key, index)."""
+    stack, _ = split_shape(path, leaf)
+    key = path_key(base_key, path)
+    if not stack:
+      return key
+    count = math.prod(stack)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(count))
+    return keys.reshape(stack + keys.shape[1:])
 
   def init_fn(params):
     zeros = lambda p, l: jnp.zeros(moment_shape(p, l), moment_dtype(l))
@@ -159,30 +189,32 @@ def scale_by_apollo(
         count=jnp.zeros([], jnp.int32),
         mu=jax.tree_util.tree_map_with_path(zeros, params),
         nu=jax.tree_util.tree_map_with_path(zeros, params),
-        key=jax.tree_util.tree_map_with_path(lambda p, _: path_key(base_key, p), params),
-        prev_norm=jax.tree.map(lambda _: jnp.zeros([], jnp.float32), params),
+        key=jax.tree_util.tree_map_with_path(leaf_keys, params),
+        prev_norm=jax.tree_util.tree_map_with_path(lambda p, l: jnp.zeros(split_shape(p, l)[0], jnp.float32), params),
     )
 
-  def projections(leaves, leaf_keys, count):
-    """Returns each leaf's P for this step, drawn in one vmapped call per leaf shape.
+  def projections(shapes, keys_per_leaf, count):
+    """Returns each leaf's P for this step (stacked like the leaf), drawn in one vmapped call per matrix shape.
 
-    A draw per leaf puts one random-number program per leaf in the compiled update, and its
-    compile time grows faster than the depth (bench/optim.py, BUILD.md); grouping the leaves that
-    share a shape keeps it to one per distinct shape. Vmapping over the keys draws the same
-    numbers as separate calls.
+    A draw per matrix puts one random-number program per matrix in the compiled update, and its
+    compile time grows faster than the depth (bench/optim.py, BUILD.md); grouping the matrices
+    that share a shape (across leaves and within stacks) keeps it to one per distinct shape.
+    Vmapping over the keys draws the same numbers as separate calls.
     """
     refresh = count // update_proj_gap
     groups: dict = {}
-    for i, g in enumerate(leaves):
-      groups.setdefault(tuple(g.shape), []).append(i)
-    out = [None] * len(leaves)
-    for shape, members in groups.items():
-      side = projection_side(shape)
-      member_keys = jnp.stack([leaf_keys[i] for i in members])
-      keys = jax.vmap(projection_key, in_axes=(0, None))(member_keys, refresh)
-      drawn = jax.vmap(lambda k, shape=shape, side=side: projection_fn(k, shape, rank, side))(keys)
-      for j, i in enumerate(members):
-        out[i] = drawn[j]
+    for i, (_, mat) in enumerate(shapes):
+      groups.setdefault(mat, []).append(i)
+    out = [None] * len(shapes)
+    for mat, members in groups.items():
+      side = projection_side(mat)
+      flat = [keys_per_leaf[i].reshape(-1, keys_per_leaf[i].shape[-1]) for i in members]
+      keys = jax.vmap(projection_key, in_axes=(0, None))(jnp.concatenate(flat), refresh)
+      drawn = jax.vmap(lambda k, mat=mat, side=side: projection_fn(k, mat, rank, side))(keys)
+      offset = 0
+      for i, f in zip(members, flat):
+        out[i] = drawn[offset : offset + f.shape[0]].reshape(shapes[i][0] + drawn.shape[1:])
+        offset += f.shape[0]
     return out
 
   def leaf_update(g, p, mu, nu, prev_norm, count):
@@ -214,16 +246,26 @@ def scale_by_apollo(
 
   def update_fn(updates, state, params=None):
     del params
-    leaves, treedef = jax.tree.flatten(updates)
-    p_leaves = projections(leaves, treedef.flatten_up_to(state.key), state.count)
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    leaves = [g for _, g in with_path]
+    shapes = [split_shape(path, g) for path, g in with_path]
+    p_leaves = projections(shapes, treedef.flatten_up_to(state.key), state.count)
+
+    def per_matrix(stack_ndim):  # leaf_update vmapped over the stacked axes
+      fn = leaf_update
+      for _ in range(stack_ndim):
+        fn = jax.vmap(fn, in_axes=(0, 0, 0, 0, 0, None))
+      return fn
+
     per_leaf = [
-        leaf_update(g, p, m, v, pn, state.count)
-        for g, p, m, v, pn in zip(
+        per_matrix(len(shape[0]))(g, p, m, v, pn, state.count)
+        for g, p, m, v, pn, shape in zip(
             leaves,
             p_leaves,
             treedef.flatten_up_to(state.mu),
             treedef.flatten_up_to(state.nu),
             treedef.flatten_up_to(state.prev_norm),
+            shapes,
         )
     ]
     unflat = lambda i: treedef.unflatten([x[i] for x in per_leaf])

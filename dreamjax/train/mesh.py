@@ -1,9 +1,12 @@
 """Device mesh and sharding: axes ('data', 'fsdp'); a declarative table for parameters.
 
-Batches shard their leading axis over both axes (every device holds B / n_devices examples).
+Batches shard their leading axis over both axes (every device holds B / n_devices examples),
+and so do the model's activations inside the step (dreamjax.model.shard, under `jax.set_mesh`).
 Parameters (and optimizer state) shard one dimension over 'fsdp': the table below names, per
-parameter role, which dimensions may take it, in order of preference; anything not in the table
-takes the largest dimension divisible by the fsdp size. Vectors and keys stay replicated.
+parameter role, which dimensions may take it, in order of preference, counted from the end so
+that a stacked layer leaf (L, in, out) (dreamjax.model.layout) reads like its (in, out) layer;
+anything not in the table takes the largest dimension divisible by the fsdp size. The layer axis
+of a stack is never sharded (the layer scan slices it). Vectors and keys stay replicated.
 No pmap: a mesh with fsdp = 1 is plain data parallelism.
 """
 
@@ -16,17 +19,20 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-AXES = ("data", "fsdp")
-BATCH = P(("data", "fsdp"))
+from dreamjax.model.layout import LAYERS
+from dreamjax.model.shard import BATCH_AXES
 
-# (regex on the parameter path, dims that may carry 'fsdp', in order of preference).
+AXES = ("data", "fsdp")
+BATCH = P(BATCH_AXES)
+
+# (regex on the parameter path, dims that may carry 'fsdp', in order of preference, from the end).
 # Matrices are stored (in, out): the wide side of the vocabulary matrices is the vocab.
 PARAM_RULES: tuple[tuple[str, tuple[int, ...]], ...] = (
-    (r"\['embed'\]$", (0, 1)),  # (V, D): shard the vocabulary
-    (r"\['lm_head'\]$", (1, 0)),  # (D, V): shard the vocabulary
-    (r"\['(q|k|v)_proj'\]$|\['in_proj_\w+'\]$|\['(gate|up)_proj'\]$", (1, 0)),  # (D, out)
-    (r"\['(o_proj|out_proj|down_proj)'\]$", (0, 1)),  # (in, D)
-    (r"\['conv_weight'\]$", (1,)),  # (K, channels)
+    (r"\['embed'\]$", (-2, -1)),  # (V, D): shard the vocabulary
+    (r"\['lm_head'\]$", (-1, -2)),  # (D, V): shard the vocabulary
+    (r"\['(q|k|v)_proj'\]$|\['in_proj_\w+'\]$|\['(gate|up)_proj'\]$", (-1, -2)),  # (D, out)
+    (r"\['(o_proj|out_proj|down_proj)'\]$", (-2, -1)),  # (in, D)
+    (r"\['conv_weight'\]$", (-1,)),  # (K, channels)
 )
 
 
@@ -62,13 +68,17 @@ def leaf_spec(path: str, shape: tuple[int, ...], fsdp: int) -> P:
   """Returns the PartitionSpec of one array given its path and shape (see the module docstring)."""
   if len(shape) < 2 or fsdp == 1:
     return P()
+  first = 1 if f"['{LAYERS}']" in path else 0  # a stack's layer axis stays whole
+  if len(shape) - first < 2:  # a (stacked) vector
+    return P()
   preferred = None
   for pattern, dims in PARAM_RULES:
     if re.search(pattern, path):
-      preferred = [d for d in dims if d < len(shape)]
+      preferred = [d % len(shape) for d in dims if -len(shape) <= d]
       break
   if preferred is None:
     preferred = sorted(range(len(shape)), key=lambda d: -shape[d])
+  preferred = [d for d in preferred if d >= first]
   for d in preferred:
     if shape[d] % fsdp == 0 and shape[d] >= fsdp:
       spec = [None] * len(shape)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dreamjax import objectives as obj
-from dreamjax.model import ModelConfig, forward, positions_from_mask
+from dreamjax.model import ModelConfig, forward, layout, lm_head, positions_from_mask
 from dreamjax.train import step as step_lib
 from dreamjax.train.batch import PreferenceBatch
 
@@ -60,21 +60,31 @@ def _leaves_with_names(tree) -> list[tuple[str, jax.Array]]:
   return out
 
 
-def _groups(params) -> list[tuple[str, list[tuple[str, jax.Array]]]]:
-  """Returns [(group name, [(leaf name within group, leaf)])]: one group per layer, then top level."""
-  if not isinstance(params, Mapping) or "layers" not in params:
-    raise ValueError("expected model params: a dict with a 'layers' list (see dreamjax.model.decoder)")
-  n = len(params["layers"])
-  groups = [(layer_name(i, n), _leaves_with_names(p)) for i, p in enumerate(params["layers"])]
+def _stats(params, config: ModelConfig, stat) -> list[tuple[str, bool, list[tuple[str, Any]]]]:
+  """Returns [(group, is_layer, [(leaf name within group, stat of that leaf)])], layers first.
+
+  `stat(x, stacked)` reduces a leaf: for a stacked layer leaf (stacked=True, dreamjax.model.layout)
+  it must return per-layer results with the layer axis leading, computed for all layers of the
+  stack at once (one op per leaf, not per layer, so a 64-layer model compiles as fast as a 4-layer
+  one); groups then index them per layer, in model order. Top-level leaves (embed, lm_head,
+  final_norm) follow as groups of their own.
+  """
+  if not isinstance(params, Mapping) or layout.LAYERS not in params:
+    raise ValueError("expected model params: a dict with stacked 'layers' (see dreamjax.model.layout)")
+  per_kind = {kind: [(name, stat(x, True)) for name, x in _leaves_with_names(tree)]
+              for kind, tree in params[layout.LAYERS].items()}
+  groups = []
+  for i in range(config.num_layers):
+    kind, j = layout.kind_index(config, i)
+    if kind not in per_kind:
+      raise ValueError(f"params have no {kind!r} layers, but layer {i} of the config is one")
+    groups.append((layer_name(i, config.num_layers), True,
+                   [(name, jax.tree.map(lambda v: v[j] if getattr(v, "ndim", 0) else v, st))
+                    for name, st in per_kind[kind]]))
   for k in sorted(params):
-    if k != "layers":
-      groups.append((k, _leaves_with_names({k: params[k]})))
+    if k != layout.LAYERS:
+      groups.append((k, False, [(name, stat(x, False)) for name, x in _leaves_with_names({k: params[k]})]))
   return groups
-
-
-def _sq(x: jax.Array) -> jax.Array:
-  """Returns Σ x² in float32."""
-  return jnp.sum(jnp.square(x.astype(jnp.float32)))
 
 
 def _max(values: Sequence[jax.Array]) -> jax.Array:
@@ -104,8 +114,9 @@ def general_nll(params, batch: PreferenceBatch, config: ModelConfig) -> tuple[ja
   tokens, mask = general_inputs(batch)
   c = batch.context_BxC.shape[1]
   inp, imask = tokens[:, :-1], mask[:, :-1]
-  logits, _ = forward(params, inp, positions_from_mask(imask), imask, config=config)
-  lp = obj.sequence_logprobs(logits[:, c - 1 :], batch.chosen_BxR, batch.chosen_mask_BxR)
+  out = forward(params, inp, positions_from_mask(imask), imask, config=config, head=False)
+  lp = obj.linear_sequence_logprobs(out.head_input[:, c - 1 :], lm_head(params, config), batch.chosen_BxR,
+                                    batch.chosen_mask_BxR)
   return -jnp.sum(lp.sum_B), jnp.sum(lp.count_B)
 
 
@@ -157,31 +168,37 @@ _preference_logps_jit = jax.jit(preference_logps, static_argnames=("config",))
 # Weight drift.
 
 
-def weight_drift(params, base_params, per_matrix: bool = True) -> Figures:
+def weight_drift(params, base_params, config: ModelConfig, per_matrix: bool = True) -> Figures:
   """Returns the relative drift ||W − W_base|| / ||W_base|| (Frobenius, float32) per layer and matrix.
 
     drift/layer_i          = sqrt(Σ_leaves ||ΔW||²) / sqrt(Σ_leaves ||W_base||²) over all leaves of layer i
-    drift/layer_i/<path>   the same for each 2-D matrix of the layer (per_matrix)
+    drift/layer_i/<path>   the same for each matrix of the layer (per_matrix)
     drift/<name>           top-level matrices (embed, lm_head)
     drift/max              max over layers;   drift/total: the whole model as one vector
 
-  1-D leaves (norms, A_log, dt_bias) count in the layer and total figures only: zero-centred norm
+  Vectors (norms, A_log, dt_bias) count in the layer and total figures only: zero-centred norm
   weights start at 0, where a relative figure of their own means nothing.
   """
   if jax.tree.structure(params) != jax.tree.structure(base_params):
     raise ValueError("weight_drift: params and base_params have different structures "
                      f"({jax.tree.structure(params)} vs {jax.tree.structure(base_params)})")
+  for (path, w), (_, b) in zip(_leaves_with_names(params), _leaves_with_names(base_params)):
+    if w.shape != b.shape:
+      raise ValueError(f"weight_drift: {path} has shape {w.shape} but the base has {b.shape}")
+  diff = jax.tree.map(lambda w, b: w.astype(jnp.float32) - b.astype(jnp.float32), params, base_params)
+
+  def stat(x, stacked):  # (Σ x², is a matrix), per layer when stacked
+    axes = tuple(range(1 if stacked else 0, x.ndim))
+    return jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axes), x.ndim - stacked == 2
+
   rel = lambda d2, b2: jnp.sqrt(d2) / jnp.maximum(jnp.sqrt(b2), _TINY)
   out, layer_drifts, tot_d, tot_b = {}, [], 0.0, 0.0
-  for (group, leaves), (_, base_leaves) in zip(_groups(params), _groups(base_params)):
-    is_layer = group.startswith("layer_")
+  for (group, is_layer, leaves), (_, _, base_leaves) in zip(_stats(diff, config, stat),
+                                                             _stats(base_params, config, stat)):
     g_d, g_b = 0.0, 0.0
-    for (name, w), (_, b) in zip(leaves, base_leaves):
-      if w.shape != b.shape:
-        raise ValueError(f"weight_drift: {group}/{name} has shape {w.shape} but the base has {b.shape}")
-      d2, b2 = _sq(w.astype(jnp.float32) - b.astype(jnp.float32)), _sq(b)
+    for (name, (d2, is_matrix)), (_, (b2, _)) in zip(leaves, base_leaves):
       g_d, g_b = g_d + d2, g_b + b2
-      if w.ndim == 2 and (per_matrix or not is_layer):
+      if is_matrix and (per_matrix or not is_layer):
         out[f"drift/{group}/{name}" if is_layer else f"drift/{name}"] = rel(d2, b2)
     tot_d, tot_b = tot_d + g_d, tot_b + g_b
     if is_layer:
@@ -209,7 +226,7 @@ def residual_growth(params, tokens_BxT: jax.Array, mask_BxT: jax.Array, config: 
   mask = mask_BxT.astype(bool)
   if positions_BxT is None:
     positions_BxT = positions_from_mask(mask_BxT)
-  _, _, hidden = forward(params, tokens_BxT, positions_BxT, mask_BxT, config=config, return_hidden=True)
+  hidden = forward(params, tokens_BxT, positions_BxT, mask_BxT, config=config, head=False, return_hidden=True).hidden
   norms = [jnp.sqrt(jnp.sum(jnp.square(h.astype(jnp.float32)), axis=-1)) for h in hidden]  # (B, T) each
   m = mask.astype(jnp.float32)
   n = jnp.maximum(jnp.sum(m), 1.0)
@@ -243,13 +260,7 @@ def growth_vs_base(figures: Mapping[str, Any], base_figures: Mapping[str, Any]) 
 # Per-layer gradient norms.
 
 
-def _row_norms(g: jax.Array) -> jax.Array:
-  """Returns the float32 norm of each row (axis 0 as stored, e.g. an input feature or a token)."""
-  g = g.astype(jnp.float32)
-  return jnp.sqrt(jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=-1))
-
-
-def layer_grad_norms(grads, per_matrix: bool = True) -> Figures:
+def layer_grad_norms(grads, config: ModelConfig, per_matrix: bool = True) -> Figures:
   """Returns per-layer gradient norms in float32, with per-row statistics of every matrix.
 
   For a matrix G (rows = axis 0 as stored, (in, out) for projections, tokens for embed):
@@ -259,23 +270,32 @@ def layer_grad_norms(grads, per_matrix: bool = True) -> Figures:
   Top-level matrices get grad/<name>/{norm,row_max,row_rms}; grad/norm is the global norm and
   grad/layer_norm_max the largest layer norm.
   """
+
+  def stat(g, stacked):  # (Σ g², row max, Σ row², rows) per layer when stacked; rows only for matrices
+    g = g.astype(jnp.float32)
+    lead = 1 if stacked else 0
+    sq = jnp.sum(jnp.square(g), axis=tuple(range(lead, g.ndim)))
+    if g.ndim - lead < 2:
+      return sq, None
+    rows_sq = jnp.sum(jnp.square(g), axis=tuple(range(lead + 1, g.ndim)))  # (L, rows) or (rows,)
+    return sq, (jnp.sqrt(jnp.max(rows_sq, axis=-1)), jnp.sum(rows_sq, axis=-1), g.shape[lead])
+
   out, layer_norms, total = {}, [], 0.0
-  for group, leaves in _groups(grads):
-    is_layer = group.startswith("layer_")
+  for group, is_layer, leaves in _stats(grads, config, stat):
     sq, row_sq, n_rows, row_maxes = 0.0, 0.0, 0, []
-    for name, g in leaves:
-      sq = sq + _sq(g)
-      if g.ndim >= 2:
-        r = _row_norms(g)
-        rmax, rsq = jnp.max(r), jnp.sum(jnp.square(r))
-        row_maxes.append(rmax)
-        row_sq, n_rows = row_sq + rsq, n_rows + r.shape[0]
-        prefix = f"grad/{group}/{name}" if is_layer else f"grad/{name}"
-        if per_matrix or not is_layer:
-          out[f"{prefix}/row_max"] = rmax
-          out[f"{prefix}/row_rms"] = jnp.sqrt(rsq / r.shape[0])
-        if not is_layer:
-          out[f"{prefix}/norm"] = jnp.sqrt(rsq)
+    for name, (leaf_sq, rows) in leaves:
+      sq = sq + leaf_sq
+      if rows is None:
+        continue
+      rmax, rsq, n = rows
+      row_maxes.append(rmax)
+      row_sq, n_rows = row_sq + rsq, n_rows + n
+      prefix = f"grad/{group}/{name}" if is_layer else f"grad/{name}"
+      if per_matrix or not is_layer:
+        out[f"{prefix}/row_max"] = rmax
+        out[f"{prefix}/row_rms"] = jnp.sqrt(rsq / n)
+      if not is_layer:
+        out[f"{prefix}/norm"] = jnp.sqrt(rsq)
     total = total + sq
     if is_layer:
       out[f"grad/{group}/norm"] = jnp.sqrt(sq)
@@ -609,7 +629,7 @@ class Monitor:
     self.base_params, self.config = base_params, config
     self.general_batches, self.preference_batches = list(general_batches), list(preference_batches)
     self._residual = jax.jit(residual_growth, static_argnames=("config",))
-    self._drift = jax.jit(weight_drift)
+    self._drift = jax.jit(weight_drift, static_argnames=("config",))
     self._base_perplexity = held_out_perplexity(base_params, self.general_batches, config)
     self._base_residual = self._residual_figures(base_params)
 
@@ -620,7 +640,7 @@ class Monitor:
   def figures(self, params) -> Figures:
     """Returns this eval's figures as host floats (perplexity, drift, residual growth, logps)."""
     out = perplexity_figures(held_out_perplexity(params, self.general_batches, self.config), self._base_perplexity)
-    out.update({k: float(v) for k, v in self._drift(params, self.base_params).items()})
+    out.update({k: float(v) for k, v in self._drift(params, self.base_params, config=self.config).items()})
     res = self._residual_figures(params)
     out.update(res)
     out.update(growth_vs_base(res, self._base_residual))

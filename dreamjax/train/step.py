@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from dreamjax import objectives as obj
-from dreamjax.model import ModelConfig, broadcast_cache, forward, init_cache, positions_from_mask, prefill
+from dreamjax.model import ModelConfig, broadcast_cache, forward, lm_head, positions_from_mask, prefill
 from dreamjax.train.batch import PreferenceBatch
 
 GRADIENT_MODES = ("frozen", "full")
@@ -64,10 +64,18 @@ def _split(lp: obj.SeqLogProbs, k: int):
   return tuple(obj.SeqLogProbs(*(x[i::k] for x in lp)) for i in range(k))
 
 
-def response_logprobs_frozen(params, batch: PreferenceBatch, config: ModelConfig, remat: bool = False,
+def _scored(out, params, config: ModelConfig, labels_BxR, mask_BxR, start: int = 0) -> obj.SeqLogProbs:
+  """Returns the SeqLogProbs of the labels from `out.head_input[:, start:]`, logits in chunks."""
+  hidden = out.head_input[:, start:] if start else out.head_input
+  return obj.linear_sequence_logprobs(hidden, lm_head(params, config), labels_BxR, mask_BxR)
+
+
+def response_logprobs_frozen(params, batch: PreferenceBatch, config: ModelConfig, remat=False,
                              with_rejected: bool = True, dropout=(0.0, None)):
   """Returns (chosen, rejected) SeqLogProbs with the context frozen (see module docstring).
 
+  The context (all but its last token) is prefilled under stop_gradient, `config.prefill_chunk`
+  tokens at a time, without the LM head; the head is applied only at the response positions.
   with_rejected=False: (chosen,) only, the rejected pass skipped (SFT has no use for it).
   dropout: (rate, key) for the response pass; the frozen context is encoded as at inference.
   """
@@ -78,10 +86,8 @@ def response_logprobs_frozen(params, batch: PreferenceBatch, config: ModelConfig
   r = resp.shape[1]
   cpos = positions_from_mask(cmask)
   frozen = jax.lax.stop_gradient(params)
-  if c > 1:
-    _, cache = prefill(frozen, ctx[:, :-1], cpos[:, :-1], cmask[:, :-1], config=config, capacity=c - 1 + r)
-  else:
-    cache = init_cache(config, b, r, params["embed"].dtype)
+  cache = prefill(frozen, ctx[:, :-1], cpos[:, :-1], cmask[:, :-1], config=config, capacity=c - 1 + r,
+                  dtype=params["embed"].dtype)
   if k > 1:
     cache = broadcast_cache(cache, k)  # one context, k continuations
   cache = jax.lax.stop_gradient(cache)
@@ -90,15 +96,17 @@ def response_logprobs_frozen(params, batch: PreferenceBatch, config: ModelConfig
   imask = jnp.concatenate([jnp.ones((k * b, 1), rmask.dtype), rmask[:, :-1]], axis=1)
   n_ctx = jnp.sum(cmask, axis=1)
   ipos = rep(n_ctx - 1)[:, None] + jnp.arange(r)[None, :]
-  logits, _ = forward(params, inp, ipos, imask, cache, config=config, remat=remat, dropout_rate=dropout[0],
-                      dropout_key=dropout[1])
-  return _split(obj.sequence_logprobs(logits, resp, rmask), k)
+  out = forward(params, inp, ipos, imask, cache, config=config, head=False, remat=remat, dropout_rate=dropout[0],
+                dropout_key=dropout[1])
+  return _split(_scored(out, params, config, resp, rmask), k)
 
 
-def response_logprobs_full(params, batch: PreferenceBatch, config: ModelConfig, remat: bool = False,
+def response_logprobs_full(params, batch: PreferenceBatch, config: ModelConfig, remat=False,
                            with_prompt: bool = False, with_rejected: bool = True, dropout=(0.0, None)):
   """Returns (chosen, rejected[, chosen prompt+response]) SeqLogProbs by full backprop.
 
+  The LM head is applied only where a label is scored (the response; with_prompt the chosen
+  rows' context too), in chunks (`objectives.linear_sequence_logprobs`).
   with_rejected=False: the rejected pass is skipped and the tuple starts (chosen, ...).
   dropout: (rate, key) of training-time residual dropout (`dreamjax.model.decoder.dropout`).
   """
@@ -109,17 +117,18 @@ def response_logprobs_full(params, batch: PreferenceBatch, config: ModelConfig, 
   rep = lambda x: jnp.repeat(x, k, axis=0)
   inp = jnp.concatenate([rep(ctx), resp[:, :-1]], axis=1)  # (2B, C + R − 1)
   imask = jnp.concatenate([rep(cmask), rmask[:, :-1]], axis=1)
-  logits, _ = forward(params, inp, positions_from_mask(imask), imask, config=config, remat=remat,
-                      dropout_rate=dropout[0], dropout_key=dropout[1])
-  out = _split(obj.sequence_logprobs(logits[:, c - 1 :], resp, rmask), k)
+  out = forward(params, inp, positions_from_mask(imask), imask, config=config, head=False, remat=remat,
+                dropout_rate=dropout[0], dropout_key=dropout[1])
+  lps = _split(_scored(out, params, config, resp, rmask, start=c - 1), k)
   if not with_prompt:
-    return out
-  # Prompt tokens too (TRL's default for ORPO's NLL): logits at t predict context[t + 1].
-  chosen = out[0]
-  plp = obj.sequence_logprobs(logits[0::k, : c - 1], ctx[:, 1:], cmask[:, :-1] * cmask[:, 1:])
+    return lps
+  # Prompt tokens too (TRL's default for ORPO's NLL): the stream at t predicts context[t + 1].
+  chosen = lps[0]
+  plp = obj.linear_sequence_logprobs(out.head_input[0::k, : c - 1], lm_head(params, config), ctx[:, 1:],
+                                     cmask[:, :-1] * cmask[:, 1:])
   both = obj.SeqLogProbs(chosen.sum_B + plp.sum_B, chosen.count_B + plp.count_B,
                          (chosen.sum_B + plp.sum_B) / jnp.maximum(chosen.count_B + plp.count_B, 1.0))
-  return out + (both,)
+  return lps + (both,)
 
 
 def response_logprobs(params, batch, config, gradient_mode, remat=False, with_rejected=True, dropout=(0.0, None)):
@@ -254,7 +263,7 @@ def make_train_step(
     mesh: Optional[jax.sharding.Mesh] = None,
     *,
     objective_kwargs: Optional[dict] = None,
-    remat: bool = False,
+    remat: bool | str = False,
     compute_dtype=None,
     nll_on_prompt: bool = False,
     grad_accum: int = 1,
@@ -269,7 +278,8 @@ def make_train_step(
     objective: 'orpo' | 'sft' | 'dpo' | 'dpop' (dpo/dpop take `ref_params`).
     gradient_mode: 'frozen' (context encoded once without gradient) or 'full' (baseline).
     mesh: a ('data', 'fsdp') mesh; state and batch get its shardings (see dreamjax.train.mesh).
-    remat: rematerialise decoder layers in the backward pass.
+    remat: rematerialise each scanned block of layers in the backward pass: True / 'full' (keep
+      only block inputs), 'dots' (keep projection outputs), False / 'none' (keep everything).
     compute_dtype: e.g. jnp.bfloat16 to compute in bf16 over float32 master weights.
     nll_on_prompt: ORPO's NLL also covers prompt tokens (TRL's default; full mode only).
     grad_accum: split the batch into this many micro-batches (exactly the large-batch gradient;
@@ -302,7 +312,7 @@ def make_train_step(
     if grad_stats:
       from dreamjax.train import monitor  # pylint: disable=g-import-not-at-top
 
-      metrics.update(monitor.layer_grad_norms(grads, per_matrix=False))
+      metrics.update(monitor.layer_grad_norms(grads, config, per_matrix=False))
     if skip_nonfinite:
       ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
       params, opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), (params, opt_state),
@@ -331,10 +341,15 @@ def make_train_step(
                            donate_argnums=(0,) if donate else ())
     return cache[key]
 
+  # Under the mesh, the model pins activations' batch axis to ('data', 'fsdp') (dreamjax.model.shard).
   def sharded_step(state, batch, ref_params=None):
-    return jitted(state, batch, ref_params)(state, batch, ref_params)
+    with jax.set_mesh(mesh):
+      return jitted(state, batch, ref_params)(state, batch, ref_params)
 
-  # Like a jitted function's: lower with abstract inputs (jax.ShapeDtypeStruct), e.g. bench/scale_plan.py.
-  sharded_step.lower = lambda state, batch, ref_params=None: jitted(state, batch, ref_params).lower(
-      state, batch, ref_params)
+  def lower(state, batch, ref_params=None):
+    """Like a jitted function's: lower with abstract inputs (jax.ShapeDtypeStruct), e.g. bench/scale_plan.py."""
+    with jax.set_mesh(mesh):
+      return jitted(state, batch, ref_params).lower(state, batch, ref_params)
+
+  sharded_step.lower = lower
   return sharded_step

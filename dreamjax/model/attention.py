@@ -1,0 +1,243 @@
+"""Causal grouped-query attention over cache slots, in O(T·block) memory (forward and backward).
+
+One function, `dot_product_attention`, serves every caller of the decoder: a whole sequence
+(training, scoring), a chunk of a prefill continuing a cache, a response continuing a frozen
+context, one decoding step. Its mask is the decoder's slot rule:
+
+    query t sits at slot q_start + t;  key s at slot s;
+    t attends s  ⇔  key_valid[b, s]  and  s <= q_start + t
+
+Left padding, right padding and cache continuation are all expressed by `key_valid` and
+`q_start` (RoPE positions are applied to q and k before the call, so they never enter here).
+A query that sees no key (a left pad) gets output 0 and passes no gradient.
+
+Implementations (`ModelConfig.attention_impl`):
+
+* 'blockwise' — pure JAX, every platform. FlashAttention-2's algorithm (Dao 2023, arXiv
+  2307.08691; the online softmax of Milakov & Gimelshein 2018): queries and keys in blocks
+  (`block`, `ModelConfig.attention_block`), a running max m and normaliser l per query,
+
+      m' = max(m, max_s S_qs),   l' = e^{m−m'} l + Σ_s e^{S_qs−m'},   O' = e^{m−m'} O + Σ_s e^{S_qs−m'} V_s
+
+  and O / l at the end. Key blocks wholly after a query block's last slot are never visited (a
+  while loop, so causal attention does half the work), and the mask of a block is built from
+  slots and `key_valid` inside the loop, never as a T×S array. The backward pass is a custom VJP
+  that stores only O and the log-sum-exp L = m + log l per query and recomputes each block's
+  probabilities P = exp(S − L):
+
+      dV_s += Pᵀ dO,   dP = dO Vᵀ,   dS = P ⊙ (dP − rowsum(dO ⊙ O)),   dQ += dS K·τ,   dK += dSᵀ Q·τ
+
+  with S = Q Kᵀ·τ, τ = H^−1/2.
+  GQA: the G = N / K query heads of a kv head are a group axis of the query; K and V are never
+  repeated. Scores, m, l and the accumulators are float32 whatever the input dtype.
+  When a call fits one block (T, S <= block) the same masked softmax runs as
+  plain JAX ops (no loops, no custom VJP): short sequences compile to a few fused ops.
+
+* 'auto' — 'blockwise' (chosen per platform; the only implementation today: cuDNN's fused
+  attention cannot express left padding with a query offset without a dense T×S bias, see
+  README).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from dreamjax.model.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
+
+_NEG = -1e30  # finite "−∞" for masked scores: e^{_NEG − m} underflows to exactly 0
+_NO_KEY_LSE = 1e30  # log-sum-exp of a query with no visible key: exp(S − L) = 0 in the backward
+
+
+def resolve(impl: str) -> str:
+  """Returns the implementation that `impl` runs as on this platform ('auto' resolved)."""
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"attention_impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
+  return "blockwise" if impl == "auto" else impl
+
+
+def default_block() -> int:
+  """Returns the block size for this platform: 256 on CPU (fastest of 64–1024 at T = 4096, 2 cores),
+  512 on accelerators (more work per loop iteration)."""
+  return 256 if jax.default_backend() == "cpu" else 512
+
+
+def dot_product_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
+                          key_valid_BxS: jax.Array, q_start: jax.Array | int = 0, *, impl: str = "auto",
+                          block: int = 0) -> jax.Array:
+  """Returns softmax(q kᵀ / sqrt(H), masked by the slot rule) v, shape (B, T, N, H) in q's dtype.
+
+  Args:
+    q_BxTxNxH: queries (N = G·K heads, grouped: head n uses kv head n // G).
+    k_BxSxKxH, v_BxSxKxH: keys and values of S slots.
+    key_valid_BxS: bool, slot s of row b holds a real token.
+    q_start: int32 scalar, the slot of query 0 (traced: a cache's write index).
+    impl: see the module docstring.
+    block: query and key block of the blockwise path (static); 0: `default_block()`.
+  """
+  resolve(impl)
+  block = block or default_block()
+  b, t, n, h = q_BxTxNxH.shape
+  s, kv = k_BxSxKxH.shape[1], k_BxSxKxH.shape[2]
+  if n % kv:
+    raise ValueError(f"attention: {n} query heads are not a multiple of {kv} kv heads")
+  q = q_BxTxNxH.reshape(b, t, kv, n // kv, h)
+  q_start = jnp.asarray(q_start, jnp.int32)
+  valid = key_valid_BxS.astype(bool)
+  if t <= block and s <= block:
+    out = _one_block(q, k_BxSxKxH, v_BxSxKxH, valid, q_start)
+  else:
+    out = _blockwise(q, k_BxSxKxH, v_BxSxKxH, valid, q_start, min(block, t), min(block, s))
+  return out.reshape(b, t, n, h)
+
+
+# ---------------------------------------------------------------------------------------------
+# One block: plain JAX (autodiff), for calls that fit a single block.
+
+
+def _allowed(valid_BxS, q_slot_T, k_slot_S):
+  """Returns the (B, 1, 1, T, S) mask of the slot rule for one block."""
+  causal = k_slot_S[None, :] <= q_slot_T[:, None]
+  return valid_BxS[:, None, None, None, :] & causal[None, None, None]
+
+
+def _scores(q_BxTxKxGxH, k_BxSxKxH):
+  """Returns float32 scores (B, K, G, T, S) scaled by H^−1/2."""
+  s = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH.astype(q_BxTxKxGxH.dtype),
+                 preferred_element_type=jnp.float32)
+  return s * (q_BxTxKxGxH.shape[-1] ** -0.5)
+
+
+def _one_block(q, k, v, valid, q_start):
+  t, s = q.shape[1], k.shape[1]
+  allowed = _allowed(valid, q_start + jnp.arange(t), jnp.arange(s))
+  sc = jnp.where(allowed, _scores(q, k), _NEG)
+  m = jax.lax.stop_gradient(jnp.max(sc, axis=-1, keepdims=True))
+  p = jnp.where(allowed, jnp.exp(sc - m), 0.0)
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  w = p / jnp.where(l > 0, l, 1.0)
+  out = jnp.einsum("bkgts,bskh->btkgh", w.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return out.astype(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Blockwise: online softmax forward, recomputing backward (custom VJP).
+
+
+def _pad_to(x, axis, size):
+  extra = size - x.shape[axis]
+  if not extra:
+    return x
+  return jnp.pad(x, [(0, 0)] * axis + [(0, extra)] + [(0, 0)] * (x.ndim - axis - 1))
+
+
+def _blocks(x, axis, block):
+  """Returns x split along `axis` into (num_blocks, …, block, …) with the block index leading."""
+  n = -(-x.shape[axis] // block)
+  x = _pad_to(x, axis, n * block)
+  x = x.reshape(x.shape[:axis] + (n, block) + x.shape[axis + 1:])
+  return jnp.moveaxis(x, axis, 0)
+
+
+def _unblocks(x, axis, length):
+  """Inverse of `_blocks` (x: (num_blocks, …, block, …)), cut to `length` along `axis`."""
+  x = jnp.moveaxis(x, 0, axis)
+  x = x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
+  return jax.lax.slice_in_dim(x, 0, length, axis=axis)
+
+
+def _key_blocks_to_visit(q_start, i, block_q, block_k, t, num_kb):
+  """Returns how many key blocks query block i sees: up to the block of its last query's slot."""
+  last_slot = q_start + jnp.minimum((i + 1) * block_q, t) - 1
+  return jnp.clip(last_slot // block_k + 1, 0, num_kb)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _blockwise(q, k, v, valid, q_start, block_q, block_k):
+  return _blockwise_fwd(q, k, v, valid, q_start, block_q, block_k)[0]
+
+
+def _blockwise_fwd(q, k, v, valid, q_start, block_q, block_k):
+  b, t, kv, g, h = q.shape
+  s = k.shape[1]
+  q_blk = _blocks(q, 1, block_q)  # (NQ, B, bq, K, G, H)
+  k_blk, v_blk = _blocks(k, 1, block_k), _blocks(v, 1, block_k)  # (NK, B, bk, K, H)
+  valid_blk = _blocks(valid, 1, block_k)  # (NK, B, bk), padding slots invalid
+  num_kb = k_blk.shape[0]
+
+  def query_block(args):
+    i, q_i = args
+    q_slot = q_start + i * block_q + jnp.arange(block_q)
+
+    def key_block(j, carry):
+      m, l, acc = carry
+      k_j, v_j = k_blk[j], v_blk[j]
+      allowed = _allowed(valid_blk[j], q_slot, j * block_k + jnp.arange(block_k))
+      sc = jnp.where(allowed, _scores(q_i, k_j), _NEG)  # (B, K, G, bq, bk)
+      m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
+      p = jnp.where(allowed, jnp.exp(sc - m_new[..., None]), 0.0)
+      alpha = jnp.exp(m - m_new)
+      pv = jnp.einsum("bkgts,bskh->bkgth", p.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32)
+      return m_new, l * alpha + jnp.sum(p, axis=-1), acc * alpha[..., None] + pv
+
+    init = (jnp.full((b, kv, g, block_q), _NEG, jnp.float32), jnp.zeros((b, kv, g, block_q), jnp.float32),
+            jnp.zeros((b, kv, g, block_q, h), jnp.float32))
+    m, l, acc = jax.lax.fori_loop(0, _key_blocks_to_visit(q_start, i, block_q, block_k, t, num_kb), key_block, init)
+    seen = l > 0
+    o = acc / jnp.where(seen, l, 1.0)[..., None]
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), _NO_KEY_LSE)
+    return o.astype(q.dtype), lse  # (B, K, G, bq, H), (B, K, G, bq)
+
+  o_blk, lse_blk = jax.lax.map(query_block, (jnp.arange(q_blk.shape[0]), q_blk))
+  o = _unblocks(jnp.moveaxis(o_blk, 4, 2), 1, t)  # (NQ, B, bq, K, G, H) -> (B, T, K, G, H)
+  return o, (q, k, v, valid, q_start, o, lse_blk)
+
+
+def _blockwise_bwd(block_q, block_k, res, do):
+  q, k, v, valid, q_start, o, lse_blk = res
+  b, t, kv, g, h = q.shape
+  s = k.shape[1]
+  scale = h ** -0.5
+  q_blk, do_blk = _blocks(q, 1, block_q), _blocks(do, 1, block_q)  # (NQ, B, bq, K, G, H)
+  k_blk, v_blk = _blocks(k, 1, block_k), _blocks(v, 1, block_k)
+  valid_blk = _blocks(valid, 1, block_k)
+  num_kb = k_blk.shape[0]
+  # rowsum(dO ⊙ O) per query, (NQ, B, K, G, bq)
+  delta_blk = jnp.moveaxis(_blocks(jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1), 1, block_q),
+                           2, 4)
+
+  def query_block(dkv, xs):
+    i, q_i, do_i, lse_i, delta_i = xs
+    q_slot = q_start + i * block_q + jnp.arange(block_q)
+
+    def key_block(j, carry):
+      dq_i, dk, dv = carry
+      k_j, v_j = k_blk[j], v_blk[j]
+      allowed = _allowed(valid_blk[j], q_slot, j * block_k + jnp.arange(block_k))
+      p = jnp.where(allowed, jnp.exp(_scores(q_i, k_j) - lse_i[..., None]), 0.0)  # (B, K, G, bq, bk)
+      dv_j = jnp.einsum("bkgts,btkgh->bskh", p.astype(do_i.dtype), do_i, preferred_element_type=jnp.float32)
+      dp = jnp.einsum("btkgh,bskh->bkgts", do_i, v_j.astype(do_i.dtype), preferred_element_type=jnp.float32)
+      ds = p * (dp - delta_i[..., None])
+      dq_i = dq_i + jnp.einsum("bkgts,bskh->btkgh", ds.astype(k_j.dtype), k_j, preferred_element_type=jnp.float32)
+      dk_j = jnp.einsum("bkgts,btkgh->bskh", ds.astype(q_i.dtype), q_i, preferred_element_type=jnp.float32)
+      return dq_i, dk.at[j].add(dk_j), dv.at[j].add(dv_j)
+
+    dk, dv = dkv
+    init = (jnp.zeros(q_i.shape, jnp.float32), dk, dv)
+    dq_i, dk, dv = jax.lax.fori_loop(0, _key_blocks_to_visit(q_start, i, block_q, block_k, t, num_kb), key_block,
+                                     init)
+    return (dk, dv), dq_i * scale
+
+  zeros = jnp.zeros(k_blk.shape, jnp.float32)
+  (dk_blk, dv_blk), dq_blk = jax.lax.scan(
+      query_block, (zeros, zeros), (jnp.arange(q_blk.shape[0]), q_blk, do_blk, lse_blk, delta_blk))
+  dq = _unblocks(dq_blk, 1, t).astype(q.dtype)
+  dk = (_unblocks(dk_blk, 1, s) * scale).astype(k.dtype)
+  dv = _unblocks(dv_blk, 1, s).astype(v.dtype)
+  return dq, dk, dv, None, None
+
+
+_blockwise.defvjp(lambda q, k, v, valid, q_start, bq, bk: _blockwise_fwd(q, k, v, valid, q_start, bq, bk),
+                  _blockwise_bwd)
