@@ -1,9 +1,10 @@
 """Optimizer-state bytes, update time and update compile time: APOLLO, APOLLO-Mini and optax.adamw.
 
-Transformer-shaped parameters (d_model 1024, 8 layers, SwiGLU MLP 2816, vocab 32000 by default).
-Prints one JSON line with the measured numbers and the ratios against AdamW. The compile time is
-the process CPU seconds of XLA compiling the jitted `update` alone (tracing and lowering excluded);
-it grows with the number of parameter leaves, so vary --layers to see it per layer.
+Transformer-shaped parameters (d_model 1024, 8 layers, SwiGLU MLP 2816, vocab 32000 by default) in
+the model's stacked layout (each layer parameter one leaf with a leading layer axis). Prints one
+JSON line with the measured numbers and the ratios against AdamW. The compile time is the process
+CPU seconds of XLA compiling the jitted `update` alone (tracing and lowering excluded); vary
+--layers to see how it grows with depth.
 
     python bench/optim.py [--d_model 1024 --layers 8 --rank 256 --iters 20] [--projection constant]
 
@@ -25,16 +26,22 @@ from dreamjax import optim
 
 
 def transformer_params(d_model, layers, ffn, vocab):
-  """Returns zero params shaped like a dense decoder (names follow dreamjax.model)."""
-  layer = lambda: {
-      "attn": {k: jnp.zeros((d_model, d_model)) for k in ("q_proj", "k_proj", "v_proj", "o_proj")},
-      "mlp": {"gate_proj": jnp.zeros((d_model, ffn)), "up_proj": jnp.zeros((d_model, ffn)),
-              "down_proj": jnp.zeros((ffn, d_model))},
-      "input_norm": jnp.zeros((d_model,)),
-      "post_attention_norm": jnp.zeros((d_model,)),
-  }
-  return {"embed": jnp.zeros((vocab, d_model)), "layers": [layer() for _ in range(layers)],
+  """Returns zero params shaped like a dense decoder in dreamjax.model's stacked layout (names too)."""
+  stack = lambda *shape: jnp.zeros((layers, *shape))
+  return {"embed": jnp.zeros((vocab, d_model)),
+          "layers": {"full_attention": {
+              "attn": {k: stack(d_model, d_model) for k in ("q_proj", "k_proj", "v_proj", "o_proj")},
+              "mlp": {"gate_proj": stack(d_model, ffn), "up_proj": stack(d_model, ffn), "down_proj": stack(ffn, d_model)},
+              "input_norm": stack(d_model), "post_attention_norm": stack(d_model)}},
           "final_norm": jnp.zeros((d_model,)), "lm_head": jnp.zeros((d_model, vocab))}
+
+
+def only(tree, labels, label):
+  """Returns the subtree of `tree` whose leaves carry `label` (paths kept: stacked leaves stay stacked)."""
+  if isinstance(tree, dict):
+    kept = {k: only(tree[k], labels[k], label) for k in tree}
+    return {k: v for k, v in kept.items() if v is not None and v != {}}
+  return tree if labels == label else None
 
 
 def state_bytes(opt, params):
@@ -85,10 +92,9 @@ def main():
   ap.add_argument("--projection", choices=("gaussian", "constant"), default="gaussian")
   args = ap.parse_args()
   params = transformer_params(args.d_model, args.layers, args.ffn, args.vocab)
-  labels = optim.default_label_fn(params)
-  projected = [p for p, l in zip(jax.tree.leaves(params), jax.tree.leaves(labels)) if l == "apollo"]
-  expected_apollo = sum(2 * args.rank * max(p.shape) * 4 for p in projected)  # float32 moments
-  expected_mini = sum(2 * 1 * max(p.shape) * 4 for p in projected)
+  projected = only(params, optim.default_label_fn(params), "apollo")
+  per_matrix = lambda r: sum(2 * r * max(p.shape[-2:]) * 4 * p.shape[0] for p in jax.tree.leaves(projected))
+  expected_apollo, expected_mini = per_matrix(args.rank), per_matrix(1)  # float32 moments, per stacked matrix
   proj = {} if args.projection == "gaussian" else {"projection_fn": constant_projection}
   opts = {
       "adamw": optax.adamw(1e-3),
@@ -98,7 +104,7 @@ def main():
   out = {"device": jax.devices()[0].platform, "d_model": args.d_model, "layers": args.layers,
          "rank": args.rank, "projection": args.projection,
          "param_count": int(sum(p.size for p in jax.tree.leaves(params))),
-         "projected_param_count": int(sum(p.size for p in projected))}
+         "projected_param_count": int(sum(p.size for p in jax.tree.leaves(projected)))}
   compile_cpu_s(optax.sgd(1e-3), {"w": jnp.zeros((3, 5))})  # backend start-up, outside the figures
   for name, opt in opts.items():
     out[f"{name}_update_compile_cpu_s"] = compile_cpu_s(opt, params)

@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from dreamjax.data import builtin
 from dreamjax.model import ConfigError, ModelConfig, hf
 from dreamjax.model import config as model_config_lib
+from dreamjax.model import layout
 from dreamjax.train import checkpoint as ckpt_lib
 
 _TO = flags.DEFINE_enum("to", None, ["orbax", "hf"], "Direction: HF folder -> Orbax, or Orbax -> HF folder.")
@@ -94,7 +95,7 @@ def orbax_to_hf(src: str, dst: str, step=None) -> int | None:
     model = run_config.get("model", "")
     tok_src = builtin.TOKENIZER if model in model_config_lib.PRESETS else model
   os.makedirs(dst)
-  hf.save_hf(dst, params, config)
+  hf.save_hf(dst, layout.from_per_layer(params, config), config)  # checkpoints of either layout
   if tok_src and os.path.isdir(tok_src):
     _copy_tokenizer(tok_src, dst)
   return used

@@ -15,6 +15,7 @@ from absl import app, flags, logging
 
 from dreamjax.data import jsonl
 from dreamjax.model import ConfigError
+from dreamjax.model import config as model_config_lib
 from dreamjax.model.hf import CheckpointError as ModelFileError
 from dreamjax.train import checkpoint as ckpt_lib
 from dreamjax.train import loop
@@ -54,7 +55,13 @@ F.DEFINE_integer("eval_every", _D.eval_every, "Monitor and guard every N steps."
 F.DEFINE_integer("eval_examples", _D.eval_examples, "Examples held out for the monitors.")
 F.DEFINE_integer("seed", _D.seed, "Seed of init, data order and projections.")
 F.DEFINE_integer("max_steps", _D.max_steps, "Stop after N steps (0: the whole pass).")
-F.DEFINE_bool("remat", _D.remat, "Rematerialise decoder layers in the backward pass.")
+F.DEFINE_bool("remat", _D.remat, "Rematerialise each scanned block of layers in the backward pass.")
+F.DEFINE_enum("remat_policy", _D.remat_policy, ["full", "dots"],
+              "With --remat: 'full' keeps only block inputs, 'dots' also the projection outputs (faster, more memory).")
+F.DEFINE_enum("attention_impl", _D.attention_impl, list(model_config_lib.ATTENTION_IMPLEMENTATIONS),
+              "Attention implementation ('auto': by platform; see README).")
+F.DEFINE_integer("prefill_chunk", _D.prefill_chunk,
+                 "Frozen contexts are encoded this many tokens at a time (memory linear in the context; 0: at once).")
 F.DEFINE_bool("bf16", _D.bf16, "bf16 compute over float32 master weights.")
 F.DEFINE_bool("skip_bad_lines", _D.skip_bad_lines, "Record bad data lines in RUN/bad_lines.txt instead of failing.")
 F.DEFINE_float("max_perplexity_ratio", _D.max_perplexity_ratio, "Guard: held-out perplexity / base (abort above).")

@@ -115,3 +115,34 @@ def test_rejects_unknown_implementation():
   q, k, v, valid, _ = inputs(1, 3, 3, 2, 1, 4, 0, seed=0)
   with pytest.raises(ValueError, match="attention_impl must be one of"):
     attention.dot_product_attention(q, k, v, valid, impl="flash")
+
+
+@pytest.mark.parametrize("block", [8, 64])
+def test_lse_merges_two_disjoint_key_sets_exactly(block):
+  """Attention over [context | own keys] equals the merge of attention over the context (all
+  visible: queries sit after it) and causal attention over the own keys, values and gradients;
+  this is how continuations share one context cache (dreamjax.model.decoder)."""
+  b, s1, t, n, kv, h = 2, 29, 11, 6, 2, 5
+  q, k, v, valid, _ = inputs(b, t, s1 + t, n, kv, h, 0, seed=7)
+  valid[:, s1:] = True
+  valid[1, s1 + 8:] = False  # a right-padded continuation
+
+  def whole(q, k, v):
+    return attention.dot_product_attention(q, k, v, valid, s1, block=block)
+
+  def merged(q, k, v):
+    ctx = attention.dot_product_attention(q, k[:, :s1], v[:, :s1], valid[:, :s1], s1, block=block, return_lse=True)
+    own = attention.dot_product_attention(q, k[:, s1:], v[:, s1:], valid[:, s1:], 0, block=block, return_lse=True)
+    return attention.merge(*ctx, *own)
+
+  np.testing.assert_allclose(jax.jit(merged)(q, k, v), jax.jit(whole)(q, k, v), rtol=1e-5, atol=1e-5)
+  w = np.random.default_rng(1).normal(size=q.shape).astype(np.float32)
+  grads = [jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) * w), argnums=(0, 1, 2)))(q, k, v) for f in (merged, whole)]
+  for a, r in zip(*grads):
+    np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5 * float(jnp.abs(r).max()))
+  # lse itself: log Σ exp over the visible keys, against numpy (row 1 of the context has 5 left pads).
+  _, lse = attention.dot_product_attention(q, k, v, valid, s1, block=block, return_lse=True)
+  sc = np.einsum("btnh,bsnh->btns", q, np.repeat(k, n // kv, axis=2)) / np.sqrt(h)
+  vis = valid[:, None, None, :] & (np.arange(s1 + t)[None, None, None, :] <= s1 + np.arange(t)[None, :, None, None])
+  want = np.log(np.sum(np.where(vis, np.exp(sc), 0.0), axis=-1))
+  np.testing.assert_allclose(lse, want, rtol=1e-5, atol=1e-5)

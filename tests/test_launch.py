@@ -92,6 +92,30 @@ def test_convert_hf_to_orbax_and_back(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_checkpoint_of_the_per_layer_layout_is_refused_by_name_and_converts(tmp_path):
+  """A run saved before layers were stacked (params['layers'] a list): resuming it names the layout
+  and the way out, and launch.convert restacks it into an HF folder with the same weights."""
+  from dreamjax.data.mix import MixerPosition  # pylint: disable=g-import-not-at-top
+  from dreamjax.model import layout  # pylint: disable=g-import-not-at-top
+
+  cfg = ModelConfig.preset("qwen3-tiny")
+  params = init_params(cfg, jax.random.PRNGKey(4))
+  opt = loop.optax.sgd(1e-3)
+  legacy = step_lib.init_train_state(dict(params, layers=layout.unstack(params, cfg)), opt)
+  run_config = {"model": "qwen3-tiny", "model_config": cfg.architecture()}
+  ckpt_dir = str(tmp_path / "old" / "checkpoints")
+  position = MixerPosition(epoch=0, pref_index=0, general_cycle=0, general_index=0, batches=1).to_dict()
+  with ckpt_lib.Checkpointer(ckpt_dir, async_save=False) as ck:
+    ck.save(1, legacy, position, run_config, force=True)
+  abstract = jax.eval_shape(lambda: step_lib.init_train_state(params, opt))
+  with ckpt_lib.Checkpointer(ckpt_dir, async_save=False) as ck:
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"one entry per layer(.|\n)*launch.convert --to hf"):
+      ck.restore(abstract_state=abstract)
+  assert convert.orbax_to_hf(str(tmp_path / "old"), str(tmp_path / "hf")) == 1
+  _, loaded = hf.load(str(tmp_path / "hf"))
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
 def test_sigkill_then_resume_is_bitwise_equal(tmp_path):
   ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "killed")
   ref = loop.RunConfig(run_dir=ref_dir, max_steps=7, batch_size=4, eval_every=3, eval_examples=4, mesh="1,1",

@@ -236,7 +236,7 @@ def test_sharded_step_matches_one_device(name, shape, steps):
 
 
 def test_partition_table():
-  assert mesh_lib.leaf_spec("['embed']", (264, 48), 4) == jax.sharding.PartitionSpec("fsdp", None)
+  assert mesh_lib.leaf_spec("['embed']", (264, 48), 4) == jax.sharding.PartitionSpec(None, "fsdp")  # D: a lookup stays local
   assert mesh_lib.leaf_spec("['lm_head']", (48, 264), 4) == jax.sharding.PartitionSpec(None, "fsdp")
   # Stacked layer leaves (L, in, out) read like their layer's (in, out); the layer axis stays whole.
   o_proj = "['layers']['full_attention']['attn']['o_proj']"

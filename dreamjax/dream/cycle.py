@@ -417,7 +417,7 @@ def run(cfg: CycleConfig, on_cycle: Optional[Callable[[dict], None]] = None) -> 
   params = place(params)
   state = place(step_lib.init_train_state(jax.tree.map(jnp.copy, params), optimizer, seed=cfg.seed))
 
-  run_config = dict(cfg.to_json(), lr=lr, model_config=dataclasses.asdict(config), context_len=c_len,
+  run_config = dict(cfg.to_json(), lr=lr, model_config=config.architecture(), context_len=c_len,
                     response_len=r_len)
   config_path = os.path.join(cfg.run_dir, "config.json")
   if cfg.resume and os.path.exists(config_path):

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 from dreamjax.model.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
 
 _NEG = -1e30  # finite "−∞" for masked scores: e^{_NEG − m} underflows to exactly 0
+_M0 = -1e20  # the running max starts here, above _NEG: a row with no visible key yet gets p = e^{_NEG − _M0} = 0
 _NO_KEY_LSE = 1e30  # log-sum-exp of a query with no visible key: exp(S − L) = 0 in the backward
 
 
@@ -66,8 +67,12 @@ def default_block() -> int:
 
 def dot_product_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
                           key_valid_BxS: jax.Array, q_start: jax.Array | int = 0, *, impl: str = "auto",
-                          block: int = 0) -> jax.Array:
+                          block: int = 0, return_lse: bool = False):
   """Returns softmax(q kᵀ / sqrt(H), masked by the slot rule) v, shape (B, T, N, H) in q's dtype.
+
+  With return_lse: (out, lse_BxTxN), lse = log Σ_visible exp(q·k / sqrt(H)) in float32 (−1e30 for a
+  query that sees no key), differentiable: two attentions over disjoint key sets combine exactly
+  as (e^{lse₁} out₁ + e^{lse₂} out₂) / (e^{lse₁} + e^{lse₂}) (`merge`).
 
   Args:
     q_BxTxNxH: queries (N = G·K heads, grouped: head n uses kv head n // G).
@@ -87,10 +92,22 @@ def dot_product_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH:
   q_start = jnp.asarray(q_start, jnp.int32)
   valid = key_valid_BxS.astype(bool)
   if t <= block and s <= block:
-    out = _one_block(q, k_BxSxKxH, v_BxSxKxH, valid, q_start)
+    out, lse = _one_block(q, k_BxSxKxH, v_BxSxKxH, valid, q_start)
   else:
-    out = _blockwise(q, k_BxSxKxH, v_BxSxKxH, valid, q_start, min(block, t), min(block, s))
-  return out.reshape(b, t, n, h)
+    out, lse = _blockwise(q, k_BxSxKxH, v_BxSxKxH, valid, q_start, min(block, t), min(block, s))
+  out = out.reshape(b, t, n, h)
+  if not return_lse:
+    return out
+  return out, jnp.moveaxis(lse, 3, 1).reshape(b, t, n)  # (B, K, G, T) -> (B, T, N)
+
+
+def merge(out1_BxTxNxH, lse1_BxTxN, out2_BxTxNxH, lse2_BxTxN):
+  """Returns the attention over the union of two disjoint key sets from each set's (out, lse)."""
+  m = jax.lax.stop_gradient(jnp.maximum(lse1_BxTxN, lse2_BxTxN))
+  w1, w2 = jnp.exp(lse1_BxTxN - m), jnp.exp(lse2_BxTxN - m)
+  total = w1 + w2
+  out = (w1[..., None] * out1_BxTxNxH.astype(jnp.float32) + w2[..., None] * out2_BxTxNxH.astype(jnp.float32))
+  return (out / jnp.where(total > 0, total, 1.0)[..., None]).astype(out1_BxTxNxH.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +136,8 @@ def _one_block(q, k, v, valid, q_start):
   l = jnp.sum(p, axis=-1, keepdims=True)
   w = p / jnp.where(l > 0, l, 1.0)
   out = jnp.einsum("bkgts,bskh->btkgh", w.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  return out.astype(q.dtype)
+  lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), _NEG)[..., 0]  # (B, K, G, T)
+  return out.astype(q.dtype), lse
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,74 +172,104 @@ def _key_blocks_to_visit(q_start, i, block_q, block_k, t, num_kb):
   return jnp.clip(last_slot // block_k + 1, 0, num_kb)
 
 
+def _heads_major(x_BxTxKxGxH, block):
+  """Returns queries (or their cotangents) as (NQ, B, K, G·block, H): row g·block + t is query t of group g."""
+  b, _, kv, g, h = x_BxTxKxGxH.shape
+  x = _blocks(x_BxTxKxGxH, 1, block)  # (NQ, B, bq, K, G, H)
+  return jnp.transpose(x, (0, 1, 3, 4, 2, 5)).reshape(x.shape[0], b, kv, g * block, h)
+
+
+def _from_heads_major(x, t, g):
+  """Inverse of `_heads_major`: (NQ, B, K, G·bq, H) -> (B, T, K, G, H)."""
+  n, b, kv, gq, h = x.shape
+  x = jnp.transpose(x.reshape(n, b, kv, g, gq // g, h), (1, 0, 4, 2, 3, 5))  # (B, NQ, bq, K, G, H)
+  return x.reshape(b, n * (gq // g), kv, g, h)[:, :t]
+
+
+def _row_slots(q_start, i, block_q, g):
+  """Returns the slot of each row of query block i in the heads-major layout, (G·bq,)."""
+  return q_start + i * block_q + jnp.tile(jnp.arange(block_q), g)
+
+
+def _kv_blocks(x_BxSxKxH, block):
+  """Returns keys or values as (NK, B, K, bk, H) (padding slots are zeros)."""
+  return jnp.transpose(_blocks(x_BxSxKxH, 1, block), (0, 1, 3, 2, 4))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _blockwise(q, k, v, valid, q_start, block_q, block_k):
   return _blockwise_fwd(q, k, v, valid, q_start, block_q, block_k)[0]
 
 
 def _blockwise_fwd(q, k, v, valid, q_start, block_q, block_k):
+  """Online-softmax forward; returns ((o, lse), residuals). Scores are (B, K, G·bq, bk) per block."""
   b, t, kv, g, h = q.shape
-  s = k.shape[1]
-  q_blk = _blocks(q, 1, block_q)  # (NQ, B, bq, K, G, H)
-  k_blk, v_blk = _blocks(k, 1, block_k), _blocks(v, 1, block_k)  # (NK, B, bk, K, H)
+  q_blk = _heads_major(q * jnp.asarray(h ** -0.5, q.dtype), block_q)  # the scale folded into q once
+  k_blk, v_blk = _kv_blocks(k, block_k), _kv_blocks(v, block_k)
   valid_blk = _blocks(valid, 1, block_k)  # (NK, B, bk), padding slots invalid
   num_kb = k_blk.shape[0]
+  rows = g * block_q
 
   def query_block(args):
-    i, q_i = args
-    q_slot = q_start + i * block_q + jnp.arange(block_q)
+    i, q_i = args  # (B, K, G·bq, H)
+    q_slot = _row_slots(q_start, i, block_q, g)
 
     def key_block(j, carry):
       m, l, acc = carry
-      k_j, v_j = k_blk[j], v_blk[j]
-      allowed = _allowed(valid_blk[j], q_slot, j * block_k + jnp.arange(block_k))
-      sc = jnp.where(allowed, _scores(q_i, k_j), _NEG)  # (B, K, G, bq, bk)
+      allowed = valid_blk[j][:, None, None, :] & ((j * block_k + jnp.arange(block_k))[None, :] <= q_slot[:, None])
+      sc = jnp.einsum("bkrh,bksh->bkrs", q_i, k_blk[j].astype(q_i.dtype), preferred_element_type=jnp.float32)
+      sc = jnp.where(allowed, sc, _NEG)  # masked: e^{_NEG − m} = 0, as m >= _M0 > _NEG
       m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
-      p = jnp.where(allowed, jnp.exp(sc - m_new[..., None]), 0.0)
+      p = jnp.exp(sc - m_new[..., None])
       alpha = jnp.exp(m - m_new)
-      pv = jnp.einsum("bkgts,bskh->bkgth", p.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32)
+      pv = jnp.einsum("bkrs,bksh->bkrh", p.astype(v_blk.dtype), v_blk[j], preferred_element_type=jnp.float32)
       return m_new, l * alpha + jnp.sum(p, axis=-1), acc * alpha[..., None] + pv
 
-    init = (jnp.full((b, kv, g, block_q), _NEG, jnp.float32), jnp.zeros((b, kv, g, block_q), jnp.float32),
-            jnp.zeros((b, kv, g, block_q, h), jnp.float32))
+    init = (jnp.full((b, kv, rows), _M0, jnp.float32), jnp.zeros((b, kv, rows), jnp.float32),
+            jnp.zeros((b, kv, rows, h), jnp.float32))
     m, l, acc = jax.lax.fori_loop(0, _key_blocks_to_visit(q_start, i, block_q, block_k, t, num_kb), key_block, init)
     seen = l > 0
     o = acc / jnp.where(seen, l, 1.0)[..., None]
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), _NO_KEY_LSE)
-    return o.astype(q.dtype), lse  # (B, K, G, bq, H), (B, K, G, bq)
+    return o.astype(q.dtype), lse  # (B, K, G·bq, H), (B, K, G·bq)
 
   o_blk, lse_blk = jax.lax.map(query_block, (jnp.arange(q_blk.shape[0]), q_blk))
-  o = _unblocks(jnp.moveaxis(o_blk, 4, 2), 1, t)  # (NQ, B, bq, K, G, H) -> (B, T, K, G, H)
-  return o, (q, k, v, valid, q_start, o, lse_blk)
+  o = _from_heads_major(o_blk, t, g)
+  lse = _from_heads_major(lse_blk[..., None], t, g)[..., 0]  # (B, T, K, G)
+  lse = jnp.moveaxis(jnp.where(lse == _NO_KEY_LSE, _NEG, lse), 1, 3)  # the public convention, (B, K, G, T)
+  return (o, lse), (q, k, v, valid, q_start, o, lse_blk)
 
 
-def _blockwise_bwd(block_q, block_k, res, do):
+def _blockwise_bwd(block_q, block_k, res, cotangents):
   q, k, v, valid, q_start, o, lse_blk = res
+  do, dlse = cotangents  # dlse (B, K, G, T): d lse / d S = P, so dS gains P ⊙ dlse
   b, t, kv, g, h = q.shape
   s = k.shape[1]
   scale = h ** -0.5
-  q_blk, do_blk = _blocks(q, 1, block_q), _blocks(do, 1, block_q)  # (NQ, B, bq, K, G, H)
-  k_blk, v_blk = _blocks(k, 1, block_k), _blocks(v, 1, block_k)
+  q_blk = _heads_major(q * jnp.asarray(scale, q.dtype), block_q)  # S = (τ q) kᵀ: dK = dSᵀ (τ q)
+  do_blk = _heads_major(do, block_q)
+  k_blk, v_blk = _kv_blocks(k, block_k), _kv_blocks(v, block_k)
   valid_blk = _blocks(valid, 1, block_k)
   num_kb = k_blk.shape[0]
-  # rowsum(dO ⊙ O) per query, (NQ, B, K, G, bq)
-  delta_blk = jnp.moveaxis(_blocks(jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1), 1, block_q),
-                           2, 4)
+  # rowsum(dO ⊙ O) − dlse per query, heads-major (NQ, B, K, G·bq)
+  delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1) - jnp.moveaxis(dlse, 3, 1)
+  delta_blk = _heads_major(delta[..., None], block_q)[..., 0]
 
   def query_block(dkv, xs):
     i, q_i, do_i, lse_i, delta_i = xs
-    q_slot = q_start + i * block_q + jnp.arange(block_q)
+    q_slot = _row_slots(q_start, i, block_q, g)
 
     def key_block(j, carry):
       dq_i, dk, dv = carry
       k_j, v_j = k_blk[j], v_blk[j]
-      allowed = _allowed(valid_blk[j], q_slot, j * block_k + jnp.arange(block_k))
-      p = jnp.where(allowed, jnp.exp(_scores(q_i, k_j) - lse_i[..., None]), 0.0)  # (B, K, G, bq, bk)
-      dv_j = jnp.einsum("bkgts,btkgh->bskh", p.astype(do_i.dtype), do_i, preferred_element_type=jnp.float32)
-      dp = jnp.einsum("btkgh,bskh->bkgts", do_i, v_j.astype(do_i.dtype), preferred_element_type=jnp.float32)
+      allowed = valid_blk[j][:, None, None, :] & ((j * block_k + jnp.arange(block_k))[None, :] <= q_slot[:, None])
+      sc = jnp.einsum("bkrh,bksh->bkrs", q_i, k_j.astype(q_i.dtype), preferred_element_type=jnp.float32)
+      p = jnp.exp(jnp.where(allowed, sc, _NEG) - lse_i[..., None])  # (B, K, G·bq, bk); 0 where masked
+      dv_j = jnp.einsum("bkrs,bkrh->bksh", p.astype(do_i.dtype), do_i, preferred_element_type=jnp.float32)
+      dp = jnp.einsum("bkrh,bksh->bkrs", do_i, v_j.astype(do_i.dtype), preferred_element_type=jnp.float32)
       ds = p * (dp - delta_i[..., None])
-      dq_i = dq_i + jnp.einsum("bkgts,bskh->btkgh", ds.astype(k_j.dtype), k_j, preferred_element_type=jnp.float32)
-      dk_j = jnp.einsum("bkgts,btkgh->bskh", ds.astype(q_i.dtype), q_i, preferred_element_type=jnp.float32)
+      dq_i = dq_i + jnp.einsum("bkrs,bksh->bkrh", ds.astype(k_j.dtype), k_j, preferred_element_type=jnp.float32)
+      dk_j = jnp.einsum("bkrs,bkrh->bksh", ds.astype(q_i.dtype), q_i, preferred_element_type=jnp.float32)
       return dq_i, dk.at[j].add(dk_j), dv.at[j].add(dv_j)
 
     dk, dv = dkv
@@ -233,10 +281,9 @@ def _blockwise_bwd(block_q, block_k, res, do):
   zeros = jnp.zeros(k_blk.shape, jnp.float32)
   (dk_blk, dv_blk), dq_blk = jax.lax.scan(
       query_block, (zeros, zeros), (jnp.arange(q_blk.shape[0]), q_blk, do_blk, lse_blk, delta_blk))
-  dq = _unblocks(dq_blk, 1, t).astype(q.dtype)
-  dk = (_unblocks(dk_blk, 1, s) * scale).astype(k.dtype)
-  dv = _unblocks(dv_blk, 1, s).astype(v.dtype)
-  return dq, dk, dv, None, None
+  unkv = lambda x: _unblocks(jnp.transpose(x, (0, 1, 3, 2, 4)), 1, s)  # (NK, B, K, bk, H) -> (B, S, K, H)
+  dq = _from_heads_major(dq_blk, t, g).astype(q.dtype)
+  return dq, unkv(dk_blk).astype(k.dtype), unkv(dv_blk).astype(v.dtype), None, None
 
 
 _blockwise.defvjp(lambda q, k, v, valid, q_start, bq, bk: _blockwise_fwd(q, k, v, valid, q_start, bq, bk),

@@ -77,6 +77,8 @@ class Slots(NamedTuple):
 
   key_valid_BxS: jax.Array  # bool: slot holds a real token (S = T, or the cache's capacity)
   q_start: jax.Array  # int32 scalar: slot of the first new token (0, or the cache's end)
+  continuations: int = 1  # each cache row serves this many consecutive token rows
+  read_only: bool = False  # the cache is a context to read, not to continue (no new cache)
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float, zero_centered: bool) -> jax.Array:
@@ -136,8 +138,11 @@ def stop_gradient_where(x_BxTx___: jax.Array, frozen_BxT: Optional[jax.Array]) -
 
 
 def attention(p, x_BxTxD, cos, sin, slots: Slots, layer_cache: Optional[AttentionCache], config: ModelConfig,
-              frozen_BxT=None):
-  """Returns (output_BxTxD, new layer cache): GQA with q/k norm, RoPE and optional output gate."""
+              mask_BxT=None, frozen_BxT=None):
+  """Returns (output_BxTxD, new layer cache): GQA with q/k norm, RoPE and optional output gate.
+
+  With a read-only cache (slots.read_only: a context shared by k continuations) the new cache is None.
+  """
   b, t, _ = x_BxTxD.shape
   h, kv, hd = config.num_heads, config.num_kv_heads, config.head_dim
   q = dense(x_BxTxD, p["q_proj"])
@@ -152,6 +157,10 @@ def attention(p, x_BxTxD, cos, sin, slots: Slots, layer_cache: Optional[Attentio
   q = apply_rope(rms_norm(q, p["q_norm"], config.rms_norm_eps, zc), cos, sin)
   k = apply_rope(rms_norm(k, p["k_norm"], config.rms_norm_eps, zc), cos, sin)
   k, v = stop_gradient_where(k, frozen_BxT), stop_gradient_where(v, frozen_BxT)
+  impl = dict(impl=config.attention_impl, block=config.attention_block)
+  if layer_cache is not None and slots.read_only:
+    out = _shared_context_attention(q, k, v, layer_cache, slots, mask_BxT, impl)
+    return _attention_out(p, out, gate, x_BxTxD.dtype), None
   if layer_cache is not None:
     write = lambda buf, new: batch_sharded(
         jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), slots.q_start, axis=1))
@@ -160,11 +169,39 @@ def attention(p, x_BxTxD, cos, sin, slots: Slots, layer_cache: Optional[Attentio
   else:
     k_all, v_all, new_cache = k, v, None
   out = attention_lib.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), slots.key_valid_BxS,
-                                            slots.q_start, impl=config.attention_impl, block=config.attention_block)
-  out = out.reshape(b, t, h * hd).astype(x_BxTxD.dtype)
+                                            slots.q_start, **impl)
+  return _attention_out(p, out, gate, x_BxTxD.dtype), new_cache
+
+
+def _attention_out(p, out_BxTxNxH, gate, dtype):
+  """Returns the output projection of the heads, gated per channel when the layer has a gate."""
+  b, t, n, hd = out_BxTxNxH.shape
+  out = out_BxTxNxH.reshape(b, t, n * hd).astype(dtype)
   if gate is not None:
     out = out * jax.nn.sigmoid(gate)
-  return dense(out, p["o_proj"]), new_cache
+  return dense(out, p["o_proj"])
+
+
+def _shared_context_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, layer_cache: AttentionCache, slots: Slots,
+                              mask_BxT, impl) -> jax.Array:
+  """Returns the attention of k continuations per cache row over [their context, themselves].
+
+  The context's K/V are read once for all k continuations (queries of rows b·k … b·k+k−1 are laid
+  side by side against cache row b: nothing is copied), each continuation attends to its own
+  tokens causally, and the two parts combine exactly through their log-sum-exps
+  (`attention.merge`). Equals writing the continuation into `broadcast_cache(cache, k)`.
+  """
+  b, t, n, hd = q_BxTxNxH.shape
+  k = slots.continuations
+  own = attention_lib.dot_product_attention(q_BxTxNxH, k_BxTxKxH.astype(q_BxTxNxH.dtype),
+                                            v_BxTxKxH.astype(q_BxTxNxH.dtype), mask_BxT, 0, return_lse=True, **impl)
+  if layer_cache.k.shape[1] == 0:  # an empty context (a one-token prompt)
+    return own[0]
+  q_ctx = q_BxTxNxH.reshape(b // k, k * t, n, hd)  # every context slot precedes every query
+  out, lse = attention_lib.dot_product_attention(q_ctx, layer_cache.k.astype(q_ctx.dtype),
+                                                 layer_cache.v.astype(q_ctx.dtype), slots.key_valid_BxS,
+                                                 slots.q_start, return_lse=True, **impl)
+  return attention_lib.merge(out.reshape(b, t, n, hd), lse.reshape(b, t, n), *own)
 
 
 def gated_deltanet(p, x_BxTxD, mask_BxT, layer_cache: Optional[DeltaNetCache], config: ModelConfig, frozen_BxT=None):
@@ -189,13 +226,16 @@ def gated_deltanet(p, x_BxTxD, mask_BxT, layer_cache: Optional[DeltaNetCache], c
   qkv, beta, g = (stop_gradient_where(a, frozen_BxT) for a in (qkv, beta, g))
   k_conv = config.linear_conv_kernel
   tail = layer_cache.conv if layer_cache is not None else jnp.zeros((b, k_conv - 1, qkv.shape[-1]), qkv.dtype)
-  qkv, new_tail = deltanet.causal_conv(qkv, p["conv_weight"], tail, mask_BxT)
+  qkv, new_tail = deltanet.causal_conv(qkv, p["conv_weight"], jnp.repeat(tail, b // tail.shape[0], axis=0),
+                                       mask_BxT)
   qkv = stop_gradient_where(qkv, frozen_BxT)  # ... and its conv output (q, k, v)
   kd = config.linear_key_dim
   q = qkv[..., :kd].reshape(b, t, hk, dk)
   k = qkv[..., kd : 2 * kd].reshape(b, t, hk, dk)
   v = qkv[..., 2 * kd :].reshape(b, t, hv, dv)
   state = layer_cache.state if layer_cache is not None else None
+  if state is not None:  # a cache shared by k continuations: its state serves each of them
+    state = jnp.repeat(state, b // state.shape[0], axis=0)
   if t == 1:
     o, new_state = deltanet.recurrent_delta_rule(q, k, v, g, beta, state)
   else:
@@ -227,12 +267,15 @@ def _layer(p, x, layer_cache, inp: _Inputs, *, kind: str, index, config: ModelCo
           else (None, None))
   h = rms_norm(x, p["input_norm"], eps, zc)
   if kind == FULL:
-    out, new_cache = attention(p["attn"], h, inp.cos, inp.sin, inp.slots, layer_cache, config, inp.frozen_BxT)
+    out, new_cache = attention(p["attn"], h, inp.cos, inp.sin, inp.slots, layer_cache, config, inp.mask_BxT,
+                               inp.frozen_BxT)
   else:
     out, new_cache = gated_deltanet(p["linear_attn"], h, inp.mask_BxT, layer_cache, config, inp.frozen_BxT)
   x = x + dropout(out, inp.dropout_rate, keys[0])
   mlp_in = rms_norm(x, p["post_attention_norm"], eps, zc)
   x = x + dropout(mlp(p["mlp"], mlp_in), inp.dropout_rate, keys[1])
+  if inp.slots.read_only:
+    new_cache = None
   return batch_sharded(stop_gradient_where(x, inp.frozen_BxT)), new_cache, mlp_in
 
 
@@ -306,6 +349,7 @@ def forward(
     *,
     config: ModelConfig,
     head: bool = True,
+    write_cache: bool = True,
     remat: Union[bool, str] = False,
     return_hidden: bool = False,
     return_mlp_inputs: bool = False,
@@ -325,6 +369,10 @@ def forward(
       are written at slots [cache.end, cache.end + T). That must fit in its capacity: T alone is
       checked here, but `end` is traced, and XLA clamps an out-of-range write (it would silently
       overwrite the last slots), so size the cache for the whole continuation.
+    write_cache: False reads the cache as a context and does not continue it (Output.cache is
+      None; its capacity need not hold the new tokens). The token rows may then be k times the
+      cache's rows: rows b·k … b·k+k−1 each follow cache row b, as with `broadcast_cache(cache, k)`
+      but without copying its K/V (context-frozen training scores chosen and rejected so).
     head: apply the LM head (False: logits None; callers that score a few positions apply
       `lm_head` to `head_input` there, e.g. `objectives.linear_sequence_logprobs`).
     remat: rematerialise each scanned block in the backward pass: False / 'none', True / 'full'
@@ -347,7 +395,15 @@ def forward(
     raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
   x = batch_sharded(stop_gradient_where(jnp.take(params["embed"], tokens_BxT, axis=0), stop_gradient_BxT))
   cos, sin = rope_tables(positions_BxT, config)
-  if cache is not None:
+  rows = tokens_BxT.shape[0]
+  if cache is not None and not write_cache:
+    if rows % cache.batch_size:
+      raise ValueError(f"forward: {rows} token rows are not a multiple of the cache's {cache.batch_size} rows")
+    slots = Slots(cache.valid_BxS, cache.end, rows // cache.batch_size, read_only=True)
+  elif cache is not None:
+    if rows != cache.batch_size:
+      raise ValueError(f"forward: {rows} token rows continue a cache of {cache.batch_size} rows; pass "
+                       "write_cache=False to read it as a shared context, or broadcast_cache it")
     if t > cache.capacity:
       raise ValueError(f"forward: {t} new tokens do not fit a cache of capacity {cache.capacity}")
     valid = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, mask, cache.end, axis=1)
@@ -363,7 +419,7 @@ def forward(
     hidden = jnp.concatenate([hidden, x[None]], axis=0)
   x = rms_norm(x, params["final_norm"], config.rms_norm_eps, config.norm_zero_centered)
   logits = x @ lm_head(params, config) if head else None
-  new_cache = Cache(new_layers, slots.key_valid_BxS, cache.end + t) if cache is not None else None
+  new_cache = Cache(new_layers, slots.key_valid_BxS, cache.end + t) if cache is not None and write_cache else None
   return Output(logits, new_cache, x, hidden, mlp_inputs)
 
 

@@ -164,9 +164,10 @@ def causal_conv(x_BxTxC: jax.Array, w_KxC: jax.Array, tail_BxKm1xC: jax.Array, m
   if mask_BxT is not None:
     valid = jnp.concatenate([jnp.ones((b, kk - 1), bool), mask_BxT.astype(bool)], axis=1)
     rank = jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1  # slot of each real input once compacted
-    rows = jnp.arange(b)[:, None]
-    # Pads go to a dump slot n, dropped after the scatter.
-    full = jnp.zeros_like(full, shape=(b, n + 1, full.shape[2])).at[rows, jnp.where(valid, rank, n)].set(full)[:, :n]
+    # Pads go to a dump slot n, dropped after the scatter. The scatter is per row (vmap: a scatter
+    # with a batching dimension), so a batch split over devices stays split.
+    compact = lambda x_NxC, slot_N: jnp.zeros((n + 1, x_NxC.shape[1]), x_NxC.dtype).at[slot_N].set(x_NxC)[:n]
+    full = jax.vmap(compact)(full, jnp.where(valid, rank, n))
   out = sum(full[:, j : j + t, :] * w_KxC[j] for j in range(kk))
   if mask_BxT is None:
     return jax.nn.silu(out), full[:, t:, :]

@@ -51,3 +51,21 @@ def stack(layers: Sequence[dict], config: ModelConfig) -> dict:
     is_np = all(isinstance(x, np.ndarray) for x in jax.tree.leaves(members))
     out[kind] = jax.tree.map(lambda *xs: np.stack(xs) if is_np else jnp.stack(xs), *members)
   return out
+
+
+def is_per_layer(params: dict) -> bool:
+  """Returns True for params in the per-layer layout of dreamjax before 0.2 ('layers' a list of
+  per-layer dicts; Orbax may restore a list as a dict keyed '0', '1', …)."""
+  layers = params.get(LAYERS)
+  return isinstance(layers, (list, tuple)) or (isinstance(layers, dict) and bool(layers)
+                                               and all(str(k).isdigit() for k in layers))
+
+
+def from_per_layer(params: dict, config: ModelConfig) -> dict:
+  """Returns params in the stacked layout, from either layout (per-layer params are stacked)."""
+  if not is_per_layer(params):
+    return params
+  layers = params[LAYERS]
+  if isinstance(layers, dict):
+    layers = [layers[k] for k in sorted(layers, key=int)]
+  return dict(params, **{LAYERS: stack(layers, config)})

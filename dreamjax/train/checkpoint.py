@@ -115,9 +115,15 @@ def _check_target(meta_tree, target, where: str) -> None:
   problems += [f"{n}: in the checkpoint, not in the target" for n in sorted(saved.keys() - names)]
   if problems:
     shown = "\n  ".join(problems[:8]) + (f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else "")
+    hint = ""
+    if any(re.match(r"params\.layers\.\d+\.", n) for n in saved) and not any(
+        re.match(r"params\.layers\.\d+\.", n) for n in names):
+      hint = ("\nIt holds one entry per layer, the layout of dreamjax before its layers were stacked and "
+              "scanned: export its parameters with `python -m launch.convert --to hf --src RUN --dst DIR` "
+              "(which restacks them) and start a new run from DIR.")
     raise CheckpointMismatchError(
         f"{where} does not match the state to restore into (resume with a changed model or optimizer?):"
-        f"\n  {shown}"
+        f"\n  {shown}{hint}"
     )
 
 

@@ -92,7 +92,10 @@ class RunConfig:
   seed: int = 0
   max_steps: int = 0  # 0: one full pass (× epochs)
   remat: bool = False
+  remat_policy: str = "full"  # with remat: 'full' keeps only each scanned block's input, 'dots' its projections
   bf16: bool = False  # bf16 compute over float32 master weights
+  attention_impl: str = "auto"  # dreamjax.model.attention: 'auto' picks by platform
+  prefill_chunk: int = 4096  # frozen contexts are encoded this many tokens at a time (0: at once)
   skip_bad_lines: bool = False
   max_perplexity_ratio: Optional[float] = 1.5
   # Drift guards (None: 0.5 and 2.0 for a model folder; off for a preset, whose base is a random init):
@@ -122,6 +125,10 @@ def validate(cfg: RunConfig) -> None:
   _check_choice(cfg.optimizer, OPTIMIZERS, "optimizer")
   _check_choice(cfg.schedule, SCHEDULES, "schedule")
   _check_choice(cfg.overlong, tok_lib.OVERLONG, "overlong")
+  _check_choice(cfg.remat_policy, ("full", "dots"), "remat_policy")
+  _check_choice(cfg.attention_impl, model_config_lib.ATTENTION_IMPLEMENTATIONS, "attention_impl")
+  if cfg.prefill_chunk < 0:
+    raise RunError(f"--prefill_chunk: must be >= 0 (0: the whole context at once), got {cfg.prefill_chunk}")
   for name in ("batch_size", "grad_accum", "max_context_len", "max_response_len", "epochs", "save_every",
                "keep", "eval_every", "rank", "update_proj_gap"):
     if getattr(cfg, name) < 1:
@@ -149,7 +156,7 @@ def validate(cfg: RunConfig) -> None:
 def load_model(cfg: RunConfig):
   """Returns (config, params, tokenizer, is_preset)."""
   if cfg.model in model_config_lib.PRESETS:
-    config = M.ModelConfig.preset(cfg.model)
+    config = _run_options(M.ModelConfig.preset(cfg.model), cfg)
     params = M.init_params(config, jax.random.PRNGKey(cfg.seed))
     tokenizer = tok_lib.TextTokenizer.from_folder(builtin.TOKENIZER)
     return config, params, tokenizer, True
@@ -159,7 +166,12 @@ def load_model(cfg: RunConfig):
                    f"({', '.join(sorted(model_config_lib.PRESETS))}); models are read from local folders only")
   config, params = hf.load(folder)
   tokenizer = tok_lib.TextTokenizer.from_folder(folder)
-  return config, params, tokenizer, False
+  return _run_options(config, cfg), params, tokenizer, False
+
+
+def _run_options(config: M.ModelConfig, cfg: RunConfig) -> M.ModelConfig:
+  """Returns the config with the run's implementation choices (how it runs, not what it computes)."""
+  return config.replace(attention_impl=cfg.attention_impl, prefill_chunk=cfg.prefill_chunk)
 
 
 def check_vocab(config, tokenizer) -> None:
@@ -313,7 +325,7 @@ def run(cfg: RunConfig) -> dict:
   # The step donates its state: the base params (drift, rollback, DPO reference) are a copy.
   state = step_lib.init_train_state(jax.tree.map(jnp.copy, params), optimizer, seed=cfg.seed)
   state = place(state)
-  run_config = dict(cfg.to_json(), lr=lr, model_config=dataclasses.asdict(config), context_len=c_len,
+  run_config = dict(cfg.to_json(), lr=lr, model_config=config.architecture(), context_len=c_len,
                     response_len=r_len, total_steps=total_steps)
   config_path = os.path.join(cfg.run_dir, "config.json")
   if cfg.resume and os.path.exists(config_path):  # refuse a changed run before touching anything in it
@@ -360,7 +372,7 @@ def run(cfg: RunConfig) -> dict:
   monitor = mon.Monitor(base_params, config, eval_general_b, eval_pref_b)
   step_fn = step_lib.make_train_step(
       config, cfg.objective, optimizer, cfg.gradient_mode, mesh=mesh,
-      objective_kwargs={"beta": cfg.beta}, remat=cfg.remat, compute_dtype=jnp.bfloat16 if cfg.bf16 else None,
+      objective_kwargs={"beta": cfg.beta}, remat=cfg.remat_policy if cfg.remat else False, compute_dtype=jnp.bfloat16 if cfg.bf16 else None,
       grad_accum=cfg.grad_accum, skip_nonfinite=True, grad_stats=True, dropout=cfg.dropout)
   ref = base_params if cfg.objective in ("dpo", "dpop") else None
 

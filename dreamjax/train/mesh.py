@@ -28,7 +28,7 @@ BATCH = P(BATCH_AXES)
 # (regex on the parameter path, dims that may carry 'fsdp', in order of preference, from the end).
 # Matrices are stored (in, out): the wide side of the vocabulary matrices is the vocab.
 PARAM_RULES: tuple[tuple[str, tuple[int, ...]], ...] = (
-    (r"\['embed'\]$", (-2, -1)),  # (V, D): shard the vocabulary
+    (r"\['embed'\]$", (-1, -2)),  # (V, D): shard the model dim: a lookup stays on its own rows
     (r"\['lm_head'\]$", (-1, -2)),  # (D, V): shard the vocabulary
     (r"\['(q|k|v)_proj'\]$|\['in_proj_\w+'\]$|\['(gate|up)_proj'\]$", (-1, -2)),  # (D, out)
     (r"\['(o_proj|out_proj|down_proj)'\]$", (-2, -1)),  # (in, D)

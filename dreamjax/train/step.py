@@ -1,9 +1,10 @@
 """One jitted preference step; the gradient mode and the objective are arguments.
 
 gradient_mode='frozen' (the gradient-scale defence): all context tokens but the last are
-prefilled under stop_gradient into a Cache; the cache is broadcast to chosen and rejected (the
-context is encoded once per example); [last context token] + response then run from the cache
-with gradient. The gradient still reaches every weight through the response tokens' own
+prefilled under stop_gradient into a Cache, in chunks and without the LM head; chosen and
+rejected both continue that cache (the context is encoded once per example, and its K/V are
+read by both continuations, never copied); [last context token] + response then run from the
+cache with gradient, and the LM head runs only where a response token is scored. The gradient still reaches every weight through the response tokens' own
 computation (their queries read the frozen K/V, DeltaNet continues from the frozen state), but
 nothing flows back into how the context was encoded.
 
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from dreamjax import objectives as obj
-from dreamjax.model import ModelConfig, broadcast_cache, forward, lm_head, positions_from_mask, prefill
+from dreamjax.model import ModelConfig, forward, lm_head, positions_from_mask, prefill
 from dreamjax.train.batch import PreferenceBatch
 
 GRADIENT_MODES = ("frozen", "full")
@@ -75,7 +76,9 @@ def response_logprobs_frozen(params, batch: PreferenceBatch, config: ModelConfig
   """Returns (chosen, rejected) SeqLogProbs with the context frozen (see module docstring).
 
   The context (all but its last token) is prefilled under stop_gradient, `config.prefill_chunk`
-  tokens at a time, without the LM head; the head is applied only at the response positions.
+  tokens at a time, without the LM head; chosen and rejected both continue that one cache (a
+  shared cache: its K/V are read by both, not copied); the head is applied only at the response
+  positions.
   with_rejected=False: (chosen,) only, the rejected pass skipped (SFT has no use for it).
   dropout: (rate, key) for the response pass; the frozen context is encoded as at inference.
   """
@@ -86,18 +89,16 @@ def response_logprobs_frozen(params, batch: PreferenceBatch, config: ModelConfig
   r = resp.shape[1]
   cpos = positions_from_mask(cmask)
   frozen = jax.lax.stop_gradient(params)
-  cache = prefill(frozen, ctx[:, :-1], cpos[:, :-1], cmask[:, :-1], config=config, capacity=c - 1 + r,
+  cache = prefill(frozen, ctx[:, :-1], cpos[:, :-1], cmask[:, :-1], config=config, capacity=c - 1,
                   dtype=params["embed"].dtype)
-  if k > 1:
-    cache = broadcast_cache(cache, k)  # one context, k continuations
-  cache = jax.lax.stop_gradient(cache)
+  cache = jax.lax.stop_gradient(cache)  # shared by the k continuations of its row (read, never copied)
   rep = lambda x: jnp.repeat(x, k, axis=0)
   inp = jnp.concatenate([rep(ctx[:, -1:]), resp[:, :-1]], axis=1)  # [last context token, resp[:-1]]
   imask = jnp.concatenate([jnp.ones((k * b, 1), rmask.dtype), rmask[:, :-1]], axis=1)
   n_ctx = jnp.sum(cmask, axis=1)
   ipos = rep(n_ctx - 1)[:, None] + jnp.arange(r)[None, :]
-  out = forward(params, inp, ipos, imask, cache, config=config, head=False, remat=remat, dropout_rate=dropout[0],
-                dropout_key=dropout[1])
+  out = forward(params, inp, ipos, imask, cache, config=config, head=False, write_cache=False, remat=remat,
+                dropout_rate=dropout[0], dropout_key=dropout[1])
   return _split(_scored(out, params, config, resp, rmask), k)
 
 
