@@ -40,7 +40,7 @@ def only(tree, labels, label):
   """Returns the subtree of `tree` whose leaves carry `label` (paths kept: stacked leaves stay stacked)."""
   if isinstance(tree, dict):
     kept = {k: only(tree[k], labels[k], label) for k in tree}
-    return {k: v for k, v in kept.items() if v is not None and v != {}}
+    return {k: v for k, v in kept.items() if v is not None and not (isinstance(v, dict) and not v)}
   return tree if labels == label else None
 
 

@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -120,23 +121,31 @@ def plan(config, mode, opt_name, context, response, batch, mesh):
   bs = mesh_lib.batch_sharding(mesh)
   abstract_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=bs), shapes)
   step = step_lib.make_train_step(config, "orpo", opt, mode, mesh=mesh, remat=True)
-  t0 = time.time()
-  with captured_stderr() as stderr:
-    compiled = step.lower(state, abstract_batch).compile()
-  seconds = time.time() - t0
-  m = compiled.memory_analysis()
   n_params = sum(x.size for x in jax.tree.leaves(params))
-  per_device = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
   out = {
       "params_billion": round(n_params / 1e9, 3), "mode": mode, "optimizer": opt_name, "context": context,
       "response": response, "global_batch": batch, "mesh": dict(mesh.shape), "remat": True,
-      "param_dtype": "bfloat16", "moment_dtype": "float32",
+      "param_dtype": "bfloat16", "moment_dtype": "float32"}
+  t0 = time.time()
+  try:
+    with captured_stderr() as stderr:
+      compiled = step.lower(state, abstract_batch).compile()
+  except jax.errors.JaxRuntimeError as e:  # a TPU compile refuses a program larger than the chip's HBM
+    found = re.search(r"HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", str(e))
+    if not found:
+      raise
+    return dict(out, fits_hbm=False, temp_gb_required=float(found.group(1)), hbm_gb=float(found.group(2)),
+                compile_s=round(time.time() - t0, 1))
+  seconds = time.time() - t0
+  m = compiled.memory_analysis()
+  per_device = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+  out.update({
       "per_device_gb": round(per_device / GB, 2), "arguments_gb": round(m.argument_size_in_bytes / GB, 2),
       "temp_gb": round(m.temp_size_in_bytes / GB, 2), "outputs_gb": round(m.output_size_in_bytes / GB, 2),
       "aliased_gb": round(m.alias_size_in_bytes / GB, 2), "fits_80gb": per_device <= 80 * GB,
       "involuntary_remat_warnings": stderr().count("Involuntary full rematerialization"),
       "compile_s": round(seconds, 1),
-  }
+  })
   return out
 
 
@@ -172,6 +181,8 @@ def main():
     name, make, depth = MODELS[key]
     layers = args.layers or depth
     config = make(layers)
+    if args.platform == "tpu":  # traced on a CPU host: name the accelerator's attention block (attention.default_block)
+      config = config.replace(attention_block=512)
     label = name if layers == depth else f"{name} ({layers} layers)"
     for context in (int(c) for c in args.contexts.split(",")):
       for opt_name in args.optimizers.split(","):

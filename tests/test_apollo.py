@@ -253,6 +253,9 @@ def test_default_labels():
       "layers": {"attn": {"q_proj": "apollo", "q_norm": "adam"}, "input_norm": "adam", "A_log": "adam",
                  "conv_weight": "adam"},
   }
+  # A list of per-layer dicts under 'layers' is not a stack: its matrices are plain 2-D leaves.
+  per_layer = {"layers": [{"q_proj": jnp.zeros((5, 7)), "norm": jnp.zeros((7,))}]}
+  assert apollo_lib.default_label_fn(per_layer) == {"layers": [{"q_proj": "apollo", "norm": "adam"}]}
 
 
 def test_stacked_leaf_is_each_layer_updated_on_its_own():
@@ -261,12 +264,13 @@ def test_stacked_leaf_is_each_layer_updated_on_its_own():
   limiter per matrix), and the matrices get different projections."""
   rng = np.random.default_rng(11)
   n_layers, m, n = 3, 7, 5
-  for kw in (dict(rank=2), dict(rank=1, scale_type="tensor", scale=128.0)):
+  for kw in (dict(rank=2), dict(rank=1, scale_type="tensor", scale=128.0, key=jax.random.key(3))):  # raw, typed
     tx = apollo_lib.scale_by_apollo(update_proj_gap=2, **kw)
     stacked = tx.init({"layers": {"w": jnp.zeros((n_layers, m, n))}})
     assert stacked.mu["layers"]["w"].shape[0] == n_layers and stacked.prev_norm["layers"]["w"].shape == (n_layers,)
     keys = stacked.key["layers"]["w"]
-    assert len({tuple(np.asarray(k)) for k in keys}) == n_layers
+    raw = jax.random.key_data(keys) if jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key) else keys
+    assert len({tuple(np.asarray(k)) for k in raw}) == n_layers
     alone = tx.init({f"w{i}": jnp.zeros((m, n)) for i in range(n_layers)})
     alone = alone._replace(key={f"w{i}": keys[i] for i in range(n_layers)})
     update = jax.jit(tx.update)

@@ -82,6 +82,12 @@ def test_matches_numpy_and_dense_gradients(b, t, s, n, kv, h, q_start, block):
   for name, a, r in zip("qkv", blockwise, dense):
     np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5 * float(jnp.abs(r).max()), err_msg=f"d{name}")
   assert np.all(np.asarray(blockwise[0])[~seen] == 0)  # a query that sees nothing passes no gradient
+  # K and V under stop_gradient (a frozen context): the backward skips their gradient, dQ is unchanged.
+  frozen_kv = jax.jit(jax.grad(loss(lambda q, k, v: attention.dot_product_attention(
+      q, jax.lax.stop_gradient(k), jax.lax.stop_gradient(v), valid, q_start, block=block)), argnums=(0, 1, 2)))
+  dq, dk, dv = frozen_kv(q, k, v)
+  np.testing.assert_allclose(dq, dense[0], rtol=1e-5, atol=1e-5 * float(jnp.abs(dense[0]).max()))
+  assert not np.any(dk) and not np.any(dv)
 
 
 def test_bfloat16_inputs_keep_float32_softmax():
@@ -146,3 +152,11 @@ def test_lse_merges_two_disjoint_key_sets_exactly(block):
   vis = valid[:, None, None, :] & (np.arange(s1 + t)[None, None, None, :] <= s1 + np.arange(t)[None, :, None, None])
   want = np.log(np.sum(np.where(vis, np.exp(sc), 0.0), axis=-1))
   np.testing.assert_allclose(lse, want, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_queries_or_keys():
+  """T = 0 or S = 0 (an empty context): output 0, lse −1e30, whatever the block."""
+  for t, s in ((0, 40), (40, 0), (3, 0)):
+    q, k, v = jnp.ones((2, t, 4, 8)), jnp.ones((2, s, 2, 8)), jnp.ones((2, s, 2, 8))
+    out, lse = attention.dot_product_attention(q, k, v, jnp.ones((2, s), bool), 0, block=16, return_lse=True)
+    assert out.shape == (2, t, 4, 8) and not np.any(out) and lse.shape == (2, t, 4) and np.all(lse == -1e30)

@@ -91,7 +91,9 @@ def dot_product_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH:
   q = q_BxTxNxH.reshape(b, t, kv, n // kv, h)
   q_start = jnp.asarray(q_start, jnp.int32)
   valid = key_valid_BxS.astype(bool)
-  if t <= block and s <= block:
+  if t == 0 or s == 0:  # nothing to attend to (or nobody asking): out 0, lse −∞
+    out, lse = jnp.zeros_like(q), jnp.full((b, kv, n // kv, t), _NEG, jnp.float32)
+  elif t <= block and s <= block:
     out, lse = _one_block(q, k_BxSxKxH, v_BxSxKxH, valid, q_start)
   else:
     out, lse = _blockwise(q, k_BxSxKxH, v_BxSxKxH, valid, q_start, min(block, t), min(block, s))
@@ -240,9 +242,22 @@ def _blockwise_fwd(q, k, v, valid, q_start, block_q, block_k):
   return (o, lse), (q, k, v, valid, q_start, o, lse_blk)
 
 
+def _blockwise_fwd_rule(q, k, v, valid, q_start, block_q, block_k):
+  """The custom VJP's forward (symbolic zeros): records whether K and V need a gradient at all.
+
+  A frozen context's K/V enter under stop_gradient; their gradient is then not computed (two of
+  the backward's five matmuls per block).
+  """
+  kv_grad = k.perturbed or v.perturbed
+  out, res = _blockwise_fwd(q.value, k.value, v.value, valid.value, q_start.value, block_q, block_k)
+  return out, res + (jnp.zeros((0,)) if kv_grad else None,)
+
+
 def _blockwise_bwd(block_q, block_k, res, cotangents):
-  q, k, v, valid, q_start, o, lse_blk = res
-  do, dlse = cotangents  # dlse (B, K, G, T): d lse / d S = P, so dS gains P ⊙ dlse
+  q, k, v, valid, q_start, o, lse_blk, kv_grad = res
+  kv_grad = kv_grad is not None
+  do, dlse = (jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.custom_derivatives.SymbolicZero) else x
+              for x in cotangents)  # dlse (B, K, G, T): d lse / d S = P, so dS gains P ⊙ dlse
   b, t, kv, g, h = q.shape
   s = k.shape[1]
   scale = h ** -0.5
@@ -265,10 +280,12 @@ def _blockwise_bwd(block_q, block_k, res, cotangents):
       allowed = valid_blk[j][:, None, None, :] & ((j * block_k + jnp.arange(block_k))[None, :] <= q_slot[:, None])
       sc = jnp.einsum("bkrh,bksh->bkrs", q_i, k_j.astype(q_i.dtype), preferred_element_type=jnp.float32)
       p = jnp.exp(jnp.where(allowed, sc, _NEG) - lse_i[..., None])  # (B, K, G·bq, bk); 0 where masked
-      dv_j = jnp.einsum("bkrs,bkrh->bksh", p.astype(do_i.dtype), do_i, preferred_element_type=jnp.float32)
       dp = jnp.einsum("bkrh,bksh->bkrs", do_i, v_j.astype(do_i.dtype), preferred_element_type=jnp.float32)
       ds = p * (dp - delta_i[..., None])
       dq_i = dq_i + jnp.einsum("bkrs,bksh->bkrh", ds.astype(k_j.dtype), k_j, preferred_element_type=jnp.float32)
+      if not kv_grad:
+        return dq_i, dk, dv
+      dv_j = jnp.einsum("bkrs,bkrh->bksh", p.astype(do_i.dtype), do_i, preferred_element_type=jnp.float32)
       dk_j = jnp.einsum("bkrs,bkrh->bksh", ds.astype(q_i.dtype), q_i, preferred_element_type=jnp.float32)
       return dq_i, dk.at[j].add(dk_j), dv.at[j].add(dv_j)
 
@@ -278,13 +295,14 @@ def _blockwise_bwd(block_q, block_k, res, cotangents):
                                      init)
     return (dk, dv), dq_i * scale
 
-  zeros = jnp.zeros(k_blk.shape, jnp.float32)
+  zeros = jnp.zeros(k_blk.shape if kv_grad else (0,), jnp.float32)
   (dk_blk, dv_blk), dq_blk = jax.lax.scan(
       query_block, (zeros, zeros), (jnp.arange(q_blk.shape[0]), q_blk, do_blk, lse_blk, delta_blk))
-  unkv = lambda x: _unblocks(jnp.transpose(x, (0, 1, 3, 2, 4)), 1, s)  # (NK, B, K, bk, H) -> (B, S, K, H)
   dq = _from_heads_major(dq_blk, t, g).astype(q.dtype)
+  if not kv_grad:
+    return dq, None, None, None, None
+  unkv = lambda x: _unblocks(jnp.transpose(x, (0, 1, 3, 2, 4)), 1, s)  # (NK, B, K, bk, H) -> (B, S, K, H)
   return dq, unkv(dk_blk).astype(k.dtype), unkv(dv_blk).astype(v.dtype), None, None
 
 
-_blockwise.defvjp(lambda q, k, v, valid, q_start, bq, bk: _blockwise_fwd(q, k, v, valid, q_start, bq, bk),
-                  _blockwise_bwd)
+_blockwise.defvjp(_blockwise_fwd_rule, _blockwise_bwd, symbolic_zeros=True)

@@ -29,8 +29,9 @@ except the DeltaNet output norm `linear_attn.norm`, which is always a plain `w` 
 
 `forward(params, tokens, positions, mask, cache=None, *, config)` returns an `Output`: without
 a cache it processes the whole sequence (training); with one it writes the new tokens at
-`cache.end` and continues (decoding, context-frozen training). `prefill` encodes a context into
-a cache, `prefill_chunk` tokens at a time. The layers run as a `lax.scan` over repeats of
+`cache.end` and continues (decoding), or, with write_cache=False, reads it as a context that k
+continuations per row share (context-frozen training: chosen and rejected). `prefill` encodes a
+context into a cache, `prefill_chunk` tokens at a time. The layers run as a `lax.scan` over repeats of
 `config.block_pattern` (Qwen3: one layer; Qwen3.5: 3 DeltaNet + 1 attention), each block under an
 optional remat policy, so compile time does not grow with depth.
 """

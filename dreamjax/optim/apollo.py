@@ -73,9 +73,13 @@ def stacked_axes(path: tuple[Any, ...]) -> int:
 
   Scanned models store each layer parameter as one leaf with a leading layer axis (the layout of
   dreamjax.model, flax's nn.scan and MaxText's scan_layers, under 'layers'); an (L, m, n) leaf is
-  L matrices of m×n, each with its own projection, moments, scaling and limiter.
+  L matrices of m×n, each with its own projection, moments, scaling and limiter. A list of
+  per-layer dicts under 'layers' (`['layers'][3]...`) is not a stack: its leaves are plain matrices.
   """
-  return int(any(getattr(k, "key", None) == _STACK_KEY for k in path))
+  for k, nxt in zip(path, path[1:]):
+    if getattr(k, "key", None) == _STACK_KEY:
+      return int(not isinstance(nxt, jax.tree_util.SequenceKey))
+  return 0
 
 
 def default_label_fn(params: chex.ArrayTree) -> chex.ArrayTree:
@@ -208,7 +212,8 @@ def scale_by_apollo(
     out = [None] * len(shapes)
     for mat, members in groups.items():
       side = projection_side(mat)
-      flat = [keys_per_leaf[i].reshape(-1, keys_per_leaf[i].shape[-1]) for i in members]
+      # One key per matrix, raw (uint32[2]) or typed: flatten the stacked axes only.
+      flat = [keys_per_leaf[i].reshape((-1,) + keys_per_leaf[i].shape[len(shapes[i][0]):]) for i in members]
       keys = jax.vmap(projection_key, in_axes=(0, None))(jnp.concatenate(flat), refresh)
       drawn = jax.vmap(lambda k, mat=mat, side=side: projection_fn(k, mat, rank, side))(keys)
       offset = 0

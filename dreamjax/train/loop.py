@@ -21,9 +21,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Optional
 
 from absl import logging
 import jax
