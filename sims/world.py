@@ -271,12 +271,17 @@ FAMILIES = ("qwen3", "qwen3_5")
 
 
 def model_config(family: str) -> ModelConfig:
-  """Returns the tiny decoder of a family: the project's preset shrunk to 2 layers, vocab 64."""
+  """Returns the tiny decoder of a family: the project's preset shrunk to 2 layers, vocab 64.
+
+  Its 2 layers run as a Python loop, not a layer scan (scan_layers=False: the same computation):
+  at this depth the loop compiles faster (one ORPO + APOLLO step, frozen / full: 4.4 / 3.4 against
+  5.5 / 4.0 CPU-s scanned, Qwen3 family, XLA level 1), and the suite is compilation-bound.
+  """
   if family == "qwen3":
-    return ModelConfig.preset("qwen3-tiny").replace(vocab_size=VOCAB)
+    return ModelConfig.preset("qwen3-tiny").replace(vocab_size=VOCAB, scan_layers=False)
   if family == "qwen3_5":
-    return ModelConfig.preset("qwen3_5-tiny").replace(vocab_size=VOCAB, num_layers=2,
-                                                      layer_types=(LINEAR, FULL))
+    return ModelConfig.preset("qwen3_5-tiny").replace(vocab_size=VOCAB, num_layers=2, layer_types=(LINEAR, FULL),
+                                                      scan_layers=False)
   raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
 

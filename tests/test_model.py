@@ -331,7 +331,7 @@ def _hybrid_blocks():
   return cfg, M.init_params(cfg, jax.random.PRNGKey(5), std=0.05)
 
 
-@pytest.mark.parametrize("remat", [False, True, "dots"])
+@pytest.mark.parametrize("remat", [True, "dots"])  # no remat: the hybrid parity test compares scan and loop
 def test_scanned_blocks_equal_the_unrolled_stack(remat):
   """lax.scan over repeats of the block pattern vs the Python loop over the same blocks, with every
   remat policy: the same logits, cache and gradients; and layer i of the model is the i-th layer
