@@ -13,7 +13,8 @@ The objectives take `SeqLogProbs` rather than logits so that the caller decides 
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+import dataclasses
+from typing import Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -286,18 +287,42 @@ def dpop(
   return _wmean(loss_B, w), metrics
 
 
-OBJECTIVES: dict[str, Callable[..., tuple[jax.Array, Metrics]]] = {
-    "orpo": orpo,  # orpo(chosen, rejected, beta, weights_B, nll_extra)
-    "sft": sft,  # sft(policy, weights_B)
-    "dpo": dpo,  # dpo(chosen, rejected, ref_chosen, ref_rejected, beta, label_smoothing, weights_B)
-    "dpop": dpop,  # dpop(chosen, rejected, ref_chosen, ref_rejected, beta, lam, weights_B)
-}
-# Whether the objective takes a frozen reference model's log-probs (ref_chosen, ref_rejected).
-NEEDS_REFERENCE: dict[str, bool] = {"orpo": False, "sft": False, "dpo": True, "dpop": True}
+LogProbs = Mapping[str, SeqLogProbs]  # 'chosen'[, 'rejected', 'ref_chosen', 'ref_rejected', 'nll']
 
 
-def needs_reference(name: str) -> bool:
-  """Returns whether objective `name` takes a frozen reference model's log-probs."""
-  if name not in NEEDS_REFERENCE:
-    raise ValueError(f"unknown objective {name!r}; expected one of {sorted(NEEDS_REFERENCE)}")
-  return NEEDS_REFERENCE[name]
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """A preference objective as a value: what the train step computes and what it feeds the loss.
+
+  loss(lp, weights_B, **kwargs) -> (loss, metrics), where lp holds the policy's per-example
+  SeqLogProbs 'chosen', with needs_rejected 'rejected', with needs_reference the frozen reference
+  model's 'ref_chosen' and 'ref_rejected', and optionally 'nll' (the tokens the NLL term covers
+  when they differ from the chosen response's; see `orpo`). weights_B masks the examples the
+  objective applies to (the rest of a mixed batch gets SFT). A new objective is one `Objective`
+  in `OBJECTIVES` (or passed to `make_train_step` directly): nothing else dispatches on names.
+  """
+
+  name: str
+  loss: Callable[..., tuple[jax.Array, Metrics]]
+  needs_rejected: bool = True
+  needs_reference: bool = False
+
+
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
+    Objective("orpo", lambda lp, w, **kw: orpo(lp["chosen"], lp["rejected"], weights_B=w, nll_extra=lp.get("nll"),
+                                              **kw)),
+    Objective("sft", lambda lp, w, **kw: sft(lp["chosen"], weights_B=w, **kw), needs_rejected=False),
+    Objective("dpo", lambda lp, w, **kw: dpo(lp["chosen"], lp["rejected"], lp["ref_chosen"], lp["ref_rejected"],
+                                             weights_B=w, **kw), needs_reference=True),
+    Objective("dpop", lambda lp, w, **kw: dpop(lp["chosen"], lp["rejected"], lp["ref_chosen"], lp["ref_rejected"],
+                                               weights_B=w, **kw), needs_reference=True),
+)}
+
+
+def get(objective: "str | Objective") -> Objective:
+  """Returns the Objective named `objective` (an Objective is returned as is); ValueError names the choices."""
+  if isinstance(objective, Objective):
+    return objective
+  if objective not in OBJECTIVES:
+    raise ValueError(f"unknown objective {objective!r}; expected one of {sorted(OBJECTIVES)}")
+  return OBJECTIVES[objective]

@@ -132,7 +132,11 @@ def to_lp(logits, labels, mask, dtype=None):
 
 def call(name, lps, w=None, **kw):
   """Calls objective `name` with as many of `lps` as it takes (policy first, then reference)."""
-  return obj.OBJECTIVES[name](*lps[:N_LOGPROBS[name]], weights_B=w, **kw)
+  keys = ("chosen", "rejected", "ref_chosen", "ref_rejected")[:N_LOGPROBS[name]]
+  lp = dict(zip(keys, lps))
+  if "nll_extra" in kw:  # ORPO's NLL over other tokens: the Objective reads it as lp['nll']
+    lp["nll"] = kw.pop("nll_extra")
+  return obj.get(name).loss(lp, w, **kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,8 +455,10 @@ def test_jit_traced_hyperparameters_no_retrace(name):
 
 
 def test_registry():
-  assert set(obj.OBJECTIVES) == set(NAMES) == set(obj.NEEDS_REFERENCE)
-  assert obj.needs_reference("dpo") and obj.needs_reference("dpop")
-  assert not obj.needs_reference("orpo") and not obj.needs_reference("sft")
+  assert set(obj.OBJECTIVES) == set(NAMES)
+  assert [n for n in NAMES if obj.get(n).needs_reference] == ["dpo", "dpop"]
+  assert [n for n in NAMES if not obj.get(n).needs_rejected] == ["sft"]
+  assert all(N_LOGPROBS[n] == 1 + obj.get(n).needs_rejected + 2 * obj.get(n).needs_reference for n in NAMES)
+  assert obj.get(obj.OBJECTIVES["orpo"]) is obj.OBJECTIVES["orpo"]
   with pytest.raises(ValueError, match="unknown objective 'ipo'"):
-    obj.needs_reference("ipo")
+    obj.get("ipo")

@@ -145,19 +145,20 @@ def response_logprobs(params, batch, config, gradient_mode, remat=False, with_re
 # The loss of a (mixed) batch.
 
 
-def example_logprobs(params, batch: PreferenceBatch, *, config: ModelConfig, objective: str, gradient_mode: str,
-                     ref_params=None, remat: bool = False, nll_on_prompt: bool = False, compute_dtype=None,
-                     dropout=(0.0, None)) -> dict:
-  """Returns the per-example log-prob statistics a loss needs: {'chosen'[, 'rejected', 'nll', 'ref_*']}.
+def example_logprobs(params, batch: PreferenceBatch, *, config: ModelConfig, objective: obj.Objective | str,
+                     gradient_mode: str, ref_params=None, remat: bool = False, nll_on_prompt: bool = False,
+                     compute_dtype=None, dropout=(0.0, None)) -> dict:
+  """Returns the per-example log-prob statistics `objective` needs: {'chosen'[, 'rejected', 'nll', 'ref_*']}.
 
-  SFT reads only the chosen responses: for objective 'sft' the rejected pass is skipped (no key
-  'rejected'), which halves the response (full mode: the whole) forward and backward.
+  An objective without needs_rejected (SFT) skips the rejected pass (no key 'rejected'), which
+  halves the response (full mode: the whole) forward and backward.
   dropout: (rate, key) for the policy's passes; the reference model runs without it.
   """
+  objective = obj.get(objective)
   cast = (lambda p: jax.tree.map(lambda x: x.astype(compute_dtype), p)) if compute_dtype else (lambda p: p)
   p = cast(params)
   out = {}
-  names = ("chosen",) if objective == "sft" else ("chosen", "rejected")
+  names = ("chosen", "rejected") if objective.needs_rejected else ("chosen",)
   if nll_on_prompt:
     if gradient_mode != "full":
       raise ValueError("nll_on_prompt needs gradient_mode='full' (a frozen context takes no gradient)")
@@ -167,33 +168,24 @@ def example_logprobs(params, batch: PreferenceBatch, *, config: ModelConfig, obj
   else:
     out.update(zip(names, response_logprobs(p, batch, config, gradient_mode, remat, with_rejected=len(names) == 2,
                                             dropout=dropout)))
-  if obj.needs_reference(objective):
+  if objective.needs_reference:
     if ref_params is None:
-      raise ValueError(f"objective {objective!r} needs ref_params (a frozen reference model)")
+      raise ValueError(f"objective {objective.name!r} needs ref_params (a frozen reference model)")
     ref = response_logprobs(jax.lax.stop_gradient(cast(ref_params)), batch, config, "frozen")
     out["ref_chosen"], out["ref_rejected"] = jax.lax.stop_gradient(ref)
   return out
 
 
-def loss_from_logprobs(lp: dict, is_preference_B, *, objective: str, objective_kwargs: Optional[dict] = None):
+def loss_from_logprobs(lp: dict, is_preference_B, *, objective: obj.Objective | str, objective_kwargs: Optional[dict] = None):
   """Returns (loss, metrics) of a batch mixing preference and general (SFT) examples.
 
   loss = f_pref · objective(preference examples) + f_gen · SFT(general examples), f being the
   fractions of the batch's examples in each group.
   """
-  kw = dict(objective_kwargs or {})
   chosen, rejected = lp["chosen"], lp.get("rejected")
   w_pref = is_preference_B.astype(jnp.float32)
   w_gen = 1.0 - w_pref
-  if objective == "sft":
-    pref_loss, metrics = obj.sft(chosen, weights_B=w_pref)
-  elif objective == "orpo":
-    pref_loss, metrics = obj.orpo(chosen, rejected, weights_B=w_pref, nll_extra=lp.get("nll"), **kw)
-  elif objective in ("dpo", "dpop"):
-    pref_loss, metrics = obj.OBJECTIVES[objective](chosen, rejected, lp["ref_chosen"], lp["ref_rejected"],
-                                                   weights_B=w_pref, **kw)
-  else:
-    raise ValueError(f"unknown objective {objective!r}; expected one of {sorted(obj.OBJECTIVES)}")
+  pref_loss, metrics = obj.get(objective).loss(lp, w_pref, **dict(objective_kwargs or {}))
   gen_loss, _ = obj.sft(chosen, weights_B=w_gen)
   n = w_pref.shape[0]
   f_pref, f_gen = jnp.sum(w_pref) / n, jnp.sum(w_gen) / n
@@ -204,7 +196,7 @@ def loss_from_logprobs(lp: dict, is_preference_B, *, objective: str, objective_k
   return loss, metrics
 
 
-def batch_loss(params, batch: PreferenceBatch, *, config: ModelConfig, objective: str, gradient_mode: str,
+def batch_loss(params, batch: PreferenceBatch, *, config: ModelConfig, objective: obj.Objective | str, gradient_mode: str,
                objective_kwargs: Optional[dict] = None, ref_params=None, remat: bool = False,
                nll_on_prompt: bool = False, compute_dtype=None, dropout=(0.0, None)):
   """Returns (loss, metrics) of a batch (see `loss_from_logprobs`)."""
@@ -258,7 +250,7 @@ def accumulated_value_and_grad(params, batch: PreferenceBatch, grad_accum: int, 
 
 def make_train_step(
     config: ModelConfig,
-    objective: str,
+    objective: obj.Objective | str,
     optimizer: optax.GradientTransformation,
     gradient_mode: str = "frozen",
     mesh: Optional[jax.sharding.Mesh] = None,
@@ -276,7 +268,8 @@ def make_train_step(
   """Returns a jitted `(state, batch[, ref_params]) -> (state, metrics)`.
 
   Args:
-    objective: 'orpo' | 'sft' | 'dpo' | 'dpop' (dpo/dpop take `ref_params`).
+    objective: an `objectives.Objective`, or the name of one in `objectives.OBJECTIVES` ('orpo',
+      'sft', 'dpo', 'dpop'); one with needs_reference takes `ref_params` (a frozen reference model).
     gradient_mode: 'frozen' (context encoded once without gradient) or 'full' (baseline).
     mesh: a ('data', 'fsdp') mesh; state and batch get its shardings (see dreamjax.train.mesh).
     remat: rematerialise each scanned block of layers in the backward pass: True / 'full' (keep
@@ -296,6 +289,7 @@ def make_train_step(
     raise ValueError(f"gradient_mode must be one of {GRADIENT_MODES}, got {gradient_mode!r}")
   if not 0.0 <= dropout < 1.0:
     raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+  objective = obj.get(objective)
   kw = dict(config=config, objective=objective, gradient_mode=gradient_mode, objective_kwargs=objective_kwargs,
             remat=remat, nll_on_prompt=nll_on_prompt, compute_dtype=compute_dtype)
 
