@@ -17,9 +17,22 @@ import os
 from typing import Optional, Sequence
 
 from dreamjax.data.jsonl import DataError, PreferenceExample, TextExample, Turns
+from dreamjax.model.config import read_json_object
 from dreamjax.train.batch import TokenizedExample
 
 OVERLONG = ("truncate", "drop")
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+
+def _special_token(cfg: dict, field: str, path: str) -> Optional[str]:
+  """Returns a special token of tokenizer_config.json: a string, {"content": string, ...} or null."""
+  raw = value = cfg.get(field)
+  if isinstance(value, dict):  # an AddedToken: {"content": ..., "special": ..., ...}
+    value = value.get("content", raw)
+  if value is not None and not isinstance(value, str):
+    raise DataError(f"{path}: field '{field}' must be a token string, {{\"content\": string}} or null, "
+                    f"got {json.dumps(raw)[:60]}")
+  return value
 
 
 class TextTokenizer:
@@ -46,16 +59,10 @@ class TextTokenizer:
     from dreamjax.model import hf
 
     tok = hf.load_tokenizer(folder)
-    path = os.path.join(folder, "tokenizer_config.json")
-    cfg = {}
-    if os.path.isfile(path):
-      try:
-        with open(path, encoding="utf-8") as f:
-          cfg = json.load(f)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
-    text = lambda k: cfg[k]["content"] if isinstance(cfg.get(k), dict) else cfg.get(k)
-    return cls(tok, cfg.get("chat_template"), text("eos_token"), text("pad_token"), text("bos_token"), source=folder)
+    path = os.path.join(folder, TOKENIZER_CONFIG_FILE)
+    cfg = read_json_object(path, DataError) if os.path.isfile(path) else {}
+    tokens = [_special_token(cfg, k, path) for k in ("eos_token", "pad_token", "bos_token")]
+    return cls(tok, cfg.get("chat_template"), *tokens, source=folder)
 
   @property
   def vocab_size(self) -> int:

@@ -16,10 +16,10 @@ from typing import Callable, Iterator, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from dreamjax.model import layout
-from dreamjax.model.config import FULL, ConfigError, ModelConfig
+from dreamjax.model.config import FULL, ConfigError, ModelConfig, read_json_object
 
 # HF prefixes of the text decoder: Qwen3ForCausalLM / Qwen3_5ForCausalLM use "model.", the
 # multimodal Qwen3_5ForConditionalGeneration checkpoints use "model.language_model.".
@@ -28,7 +28,17 @@ _IGNORED_PREFIXES = ("model.visual.", "visual.", "mtp.")  # vision tower, multi-
 
 
 class CheckpointError(ValueError):
-  """A model folder's weights are missing, incomplete or do not match its config."""
+  """A model folder's weights are missing, incomplete, corrupt or do not match its config."""
+
+
+
+def _safe_open(fname: str, framework: str):
+  """Returns `safe_open(fname)`; a truncated or corrupt file raises CheckpointError naming it."""
+  try:
+    return safe_open(fname, framework=framework)
+  except (SafetensorError, OSError) as e:
+    raise CheckpointError(f"{fname}: not a readable safetensors file ({e}); it may be truncated or corrupt "
+                          "(an interrupted download or copy): fetch or export it again") from None
 
 
 def _entries(config: ModelConfig) -> Iterator[tuple[tuple, Optional[int], str, str, tuple]]:
@@ -89,17 +99,16 @@ def _weight_files(folder: str) -> dict[str, str]:
   index = os.path.join(folder, "model.safetensors.index.json")
   single = os.path.join(folder, "model.safetensors")
   if os.path.isfile(index):
-    try:
-      with open(index, encoding="utf-8") as f:
-        weight_map = json.load(f)["weight_map"]
-    except (json.JSONDecodeError, KeyError) as e:
-      raise CheckpointError(f"{index}: malformed index (expected a 'weight_map' object): {e}") from None
+    weight_map = read_json_object(index, CheckpointError).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+      raise CheckpointError(f"{index}: field 'weight_map' must be an object {{tensor name: shard file name}}, "
+                            f"got {'no such field' if weight_map is None else json.dumps(weight_map)[:60]}")
     for fname in set(weight_map.values()):
       if not os.path.isfile(os.path.join(folder, fname)):
         raise CheckpointError(f"{index}: shard {fname!r} is listed but missing from {folder}")
     return {k: os.path.join(folder, v) for k, v in weight_map.items()}
   if os.path.isfile(single):
-    with safe_open(single, framework="numpy") as f:
+    with _safe_open(single, "numpy") as f:
       return {k: single for k in f.keys()}
   raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json (no weights found)")
 
@@ -178,8 +187,11 @@ def load_params(
     full = by_name[name]
     fname = files[full]
     if fname not in handles:
-      handles[fname] = safe_open(fname, framework="flax")
-    x = handles[fname].get_tensor(full)
+      handles[fname] = _safe_open(fname, "flax")
+    try:
+      x = handles[fname].get_tensor(full)
+    except (SafetensorError, OSError) as e:
+      raise CheckpointError(f"{fname}: tensor '{full}' cannot be read ({e}); the file may be corrupt") from None
     hf_shape = tuple(_to_hf(np.empty(shape, np.int8), kind).shape)
     if tuple(x.shape) != hf_shape:
       raise CheckpointError(
