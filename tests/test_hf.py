@@ -354,6 +354,8 @@ def test_corrupt_tokenizer_json_names_the_file(tmp_path, corrupt):
     (b'["<|im_end|>"]', r"tokenizer_config.json: expected a JSON object .* got a list"),
     (b'{"eos_token": 2}', r"tokenizer_config.json: field 'eos_token' must be a token string"),
     (b'{"pad_token": {"id": 0}}', r"tokenizer_config.json: field 'pad_token' must be a token string"),
+    (b'{"chat_template": 7}', r"tokenizer_config.json: field 'chat_template' must be a template string"),
+    (b'{"chat_template": [{"name": "default"}]}', r"tokenizer_config.json: field 'chat_template': a list must hold \{\"name\": string"),
 ])
 def test_bad_tokenizer_config_names_the_file_and_field(tmp_path, data, match):
   from dreamjax.data import jsonl, tokenize  # pylint: disable=g-import-not-at-top
@@ -362,3 +364,78 @@ def test_bad_tokenizer_config_names_the_file_and_field(tmp_path, data, match):
   (tmp_path / "tokenizer_config.json").write_bytes(data)
   unchanged_after(tmp_path / "tokenizer_config.json", jsonl.DataError, rf"{tmp_path}/{match}",
                   lambda: tokenize.TextTokenizer.from_folder(folder))
+
+
+# --------------------------------------------------------------------------------------------
+# Chat templates: found where transformers finds them.
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# What transformers 5 save_pretrained writes to chat_template.jinja: a file with newlines (trim_blocks applies).
+BRACKETS = ("{% for message in messages %}\n[{{ message['role'] }}] {{ message['content'] }}|\n{% endfor %}\n"
+            "{% if add_generation_prompt %}\n[assistant] {% endif %}")
+TOOLS = "{% for message in messages %}<tool>{{ message['content'] }}{% endfor %}"
+
+
+def rendered(folder):
+  """Returns (context, chosen) text of one conversational example tokenised with the folder's tokenizer."""
+  from dreamjax.data import jsonl, tokenize  # pylint: disable=g-import-not-at-top
+
+  tok = tokenize.TextTokenizer.from_folder(folder)
+  ex = jsonl.parse_preference({"prompt": [{"role": "user", "content": "hi"}],
+                               "chosen": [{"role": "assistant", "content": "yes"}],
+                               "rejected": [{"role": "assistant", "content": "no"}]}, "f:1")
+  t = tokenize.encode_preference(ex, tok, 97, 97)
+  return tok.tokenizer.decode(t.context, skip_special_tokens=False), tok.tokenizer.decode(t.chosen,
+                                                                                        skip_special_tokens=False)
+
+
+CHATML_RESULT = ("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "yes<|im_end|>\n")
+BRACKETS_RESULT = ("[user] hi|\n[assistant] ", "yes|\n")
+
+
+@pytest.mark.parametrize("tokenizer_config,jinja,expected", [
+    ({"eos_token": "<|im_end|>"}, BRACKETS, BRACKETS_RESULT),  # transformers 5: the template in its own file
+    (None, BRACKETS, BRACKETS_RESULT),  # no tokenizer_config.json at all
+    ({"chat_template": CHATML}, None, CHATML_RESULT),  # older transformers: the config field
+    ({"chat_template": CHATML}, BRACKETS, BRACKETS_RESULT),  # both: the .jinja file wins, as in transformers
+    ({"chat_template": [{"name": "tool_use", "template": TOOLS}, {"name": "default", "template": CHATML}]}, None,
+     CHATML_RESULT),  # named templates: the 'default' one
+    ({"chat_template": {"default": BRACKETS, "tool_use": TOOLS}}, None, BRACKETS_RESULT),
+])
+def test_chat_template_is_found_where_transformers_finds_it(tmp_path, tokenizer_config, jinja, expected):
+  assert rendered(tokenizer_folder(tmp_path, tokenizer_config, jinja)) == expected
+
+
+def test_chat_template_errors_name_the_file(tmp_path):
+  from dreamjax.data import jsonl  # pylint: disable=g-import-not-at-top
+
+  named = {"chat_template": [{"name": "tool_use", "template": TOOLS}, {"name": "rag", "template": TOOLS}]}
+  with pytest.raises(jsonl.DataError, match=rf"{tmp_path}/a/tokenizer_config.json: field 'chat_template' names "
+                                            r"templates \['rag', 'tool_use'\] but none is named 'default'"):
+    rendered(tokenizer_folder(tmp_path / "a", named))
+  assert rendered(tokenizer_folder(tmp_path / "b", named, BRACKETS)) == BRACKETS_RESULT  # the .jinja still wins
+  with pytest.raises(jsonl.DataError, match=r"f:1: conversational example, but .*/c has no chat template \(neither "
+                                            r"chat_template.jinja nor a 'chat_template' in tokenizer_config.json\)"):
+    rendered(tokenizer_folder(tmp_path / "c", {"eos_token": "<|im_end|>"}))
+  folder = tokenizer_folder(tmp_path / "d", {}, "")
+  (tmp_path / "d" / "chat_template.jinja").write_bytes(b"\xff{{ x }}")
+  with pytest.raises(jsonl.DataError, match=r"d/chat_template.jinja: not UTF-8 text \(at byte offset 0\)"):
+    rendered(folder)
+
+
+def test_chat_template_renders_in_the_transformers_environment(tmp_path):
+  """Loop controls, a tojson that keeps '<', '&' and non-ASCII as they are, and {% generation %}:
+  what transformers' apply_chat_template provides and real templates (Qwen tool calls) use."""
+  from dreamjax.data import jsonl, tokenize  # pylint: disable=g-import-not-at-top
+
+  template = ("{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}"
+              "{% if m.role == 'assistant' %}{% generation %}A:{{ m.content | tojson }}{% endgeneration %}"
+              "{% else %}U:{{ m.content | tojson }}{% endif %};{% endfor %}")
+  tok = tokenize.TextTokenizer.from_folder(tokenizer_folder(tmp_path, {}, template))
+  msgs = [{"role": "user", "content": "<a&b> 'é'"}, {"role": "assistant", "content": "ok"},
+          {"role": "user", "content": "never shown"}]
+  assert tok.render_chat(msgs, add_generation_prompt=False) == 'U:"<a&b> \'é\'";A:"ok";'
+  broken = tokenize.TextTokenizer.from_folder(tokenizer_folder(tmp_path / "b", {}, "{% for m in messages %}"))
+  with pytest.raises(jsonl.DataError, match=r"f:1: chat template of .*/b failed: line 1: Unexpected end of template"):
+    broken.render_chat(msgs, add_generation_prompt=True, where="f:1")
