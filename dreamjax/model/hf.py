@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
@@ -30,6 +31,11 @@ _IGNORED_PREFIXES = ("model.visual.", "visual.", "mtp.")  # vision tower, multi-
 class CheckpointError(ValueError):
   """A model folder's weights are missing, incomplete, corrupt or do not match its config."""
 
+
+# What an exported folder's tensors (and config.json's 'dtype') may be: the floating dtypes that
+# transformers loads (torch.float32 / bfloat16 / float16).
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+_NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
 def _safe_open(fname: str, framework: str):
@@ -221,26 +227,35 @@ def load_params(
   return params
 
 
-def save_hf(folder: str, params: dict, config: ModelConfig, max_shard_bytes: int = 4 << 30) -> None:
+def save_hf(folder: str, params: dict, config: ModelConfig, max_shard_bytes: int = 4 << 30,
+            dtype: Optional[str] = None) -> None:
   """Writes config.json and safetensors (sharded with an index past max_shard_bytes) to `folder`.
 
   Tensors are gathered one layer at a time into the current shard; transformers loads the folder
-  with `AutoModelForCausalLM.from_pretrained`.
+  with `AutoModelForCausalLM.from_pretrained`. Nothing is written if a tensor cannot be cast.
+
+  Args:
+    dtype: one of EXPORT_DTYPES, the dtype of the written tensors and config.json's 'dtype' (and
+      the older 'torch_dtype'); default: the params' own dtype (that of params['embed']).
   """
   from safetensors.numpy import save_file
 
-  os.makedirs(folder, exist_ok=True)
+  dtype = dtype if dtype is not None else np.dtype(params["embed"].dtype).name
+  if dtype not in EXPORT_DTYPES:
+    raise ValueError(f"dtype {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
+  out_dtype = np.dtype(_NUMPY_DTYPES[dtype])
   shards, current, size = [], {}, 0
   for path, slot, name, kind, _ in _entries(config):
     node = _get(params, path)
     x = np.asarray(jax.device_get(node if slot is None else node[slot]))  # bfloat16 stays bfloat16
-    x = np.ascontiguousarray(_to_hf(x, kind))
+    x = np.ascontiguousarray(_to_hf(_cast(x, out_dtype, name), kind))
     if current and size + x.nbytes > max_shard_bytes:
       shards.append(current)
       current, size = {}, 0
     current["model." + name if name != "lm_head.weight" else name] = x
     size += x.nbytes
   shards.append(current)
+  os.makedirs(folder, exist_ok=True)
   index = os.path.join(folder, "model.safetensors.index.json")
   if len(shards) == 1:
     if os.path.exists(index):  # a stale index would take precedence over the new single file
@@ -255,9 +270,40 @@ def save_hf(folder: str, params: dict, config: ModelConfig, max_shard_bytes: int
     with open(index, "w") as f:
       json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
   raw = config.to_hf_dict()
-  raw["torch_dtype"] = raw["dtype"] = str(np.dtype(params["embed"].dtype))  # what from_pretrained defaults to
+  raw["torch_dtype"] = raw["dtype"] = out_dtype.name  # transformers 5 reads 'dtype', older ones 'torch_dtype'
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump(raw, f, indent=1)
+
+
+def _cast(x: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
+  """Returns x as `dtype` (round to nearest even); refuses finite values that overflow to ±inf."""
+  if x.dtype == dtype:
+    return x
+  with np.errstate(over="ignore"):
+    y = x.astype(dtype)
+  if not np.isfinite(y).all() and np.isfinite(x).all():
+    big = float(np.max(np.abs(x.astype(np.float32))))
+    raise CheckpointError(f"tensor '{name}': max |value| {big:.4g} overflows {dtype.name} "
+                          f"(largest finite {float(ml_dtypes.finfo(dtype).max):.4g}); export as bfloat16 or float32")
+  return y
+
+
+def declared_dtype(folder: str) -> Optional[str]:
+  """Returns the parameter dtype a HF folder's config.json declares ('dtype', else 'torch_dtype'), or None.
+
+  transformers 5 writes 'dtype', older versions 'torch_dtype'; a multimodal wrapper may declare it
+  in its 'text_config' only. The value is returned as written (e.g. 'bfloat16'), unchecked.
+  """
+  path = os.path.join(folder, "config.json")
+  raw = read_json_object(path)
+  text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}
+  for where, d in (("", raw), ("text_config.", text)):
+    for key in ("dtype", "torch_dtype"):
+      if d.get(key) is not None:
+        if not isinstance(d[key], str):
+          raise ConfigError(f"{path}: field '{where}{key}' must be a dtype name such as 'bfloat16', got {d[key]!r}")
+        return d[key]
+  return None
 
 
 def load_tokenizer(folder: str):
