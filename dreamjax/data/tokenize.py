@@ -12,14 +12,66 @@ response from the right, or, with `overlong='drop'`, the example is dropped; bot
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Optional, Sequence
 
 from dreamjax.data.jsonl import DataError, PreferenceExample, TextExample, Turns
+from dreamjax.model.config import read_json_object
 from dreamjax.train.batch import TokenizedExample
 
 OVERLONG = ("truncate", "drop")
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 `save_pretrained` writes the template
+DEFAULT_TEMPLATE = "default"  # the name transformers uses when a folder holds several named templates
+
+
+def _special_token(cfg: dict, field: str, path: str) -> Optional[str]:
+  """Returns a special token of tokenizer_config.json: a string, {"content": string, ...} or null."""
+  raw = value = cfg.get(field)
+  if isinstance(value, dict):  # an AddedToken: {"content": ..., "special": ..., ...}
+    value = value.get("content", raw)
+  if value is not None and not isinstance(value, str):
+    raise DataError(f"{path}: field '{field}' must be a token string, {{\"content\": string}} or null, "
+                    f"got {json.dumps(raw)[:60]}")
+  return value
+
+
+def read_chat_template(folder: str, cfg: dict) -> Optional[str]:
+  """Returns the chat template transformers would apply to `folder`'s conversations, or None.
+
+  As `PreTrainedTokenizerBase.from_pretrained`: folder/chat_template.jinja, when present, wins over
+  tokenizer_config.json's 'chat_template' (its decoded dict `cfg`); that field is a string, or
+  several named templates ([{"name", "template"}, ...] or {name: template}) of which the one
+  named 'default' is used.
+  """
+  path = os.path.join(folder, CHAT_TEMPLATE_FILE)
+  if os.path.isfile(path):
+    try:
+      with open(path, encoding="utf-8") as f:
+        return f.read()
+    except UnicodeDecodeError as e:
+      raise DataError(f"{path}: not UTF-8 text (at byte offset {e.start}); expected a jinja chat template") from None
+  return _default_template(cfg.get("chat_template"), os.path.join(folder, TOKENIZER_CONFIG_FILE))
+
+
+def _default_template(value, path: str) -> Optional[str]:
+  """Returns the template of a tokenizer_config.json 'chat_template' value (see read_chat_template)."""
+  where = f"{path}: field 'chat_template'"
+  if value is None or isinstance(value, str):
+    return value
+  if isinstance(value, list):
+    if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+               for t in value):
+      raise DataError(f"{where}: a list must hold {{\"name\": string, \"template\": string}} objects")
+    value = {t["name"]: t["template"] for t in value}
+  if not isinstance(value, dict) or not all(isinstance(t, str) for t in value.values()):
+    raise DataError(f"{where} must be a template string, or named templates, got {json.dumps(value)[:60]}")
+  if DEFAULT_TEMPLATE not in value:
+    raise DataError(f"{where} names templates {sorted(value)} but none is named {DEFAULT_TEMPLATE!r}; "
+                    "add one (the template used for conversational data) or a chat_template.jinja")
+  return value[DEFAULT_TEMPLATE]
 
 
 class TextTokenizer:
@@ -42,20 +94,14 @@ class TextTokenizer:
 
   @classmethod
   def from_folder(cls, folder: str) -> "TextTokenizer":
-    """Reads folder/tokenizer.json and, when present, folder/tokenizer_config.json."""
+    """Reads folder/tokenizer.json and, when present, tokenizer_config.json and chat_template.jinja."""
     from dreamjax.model import hf
 
     tok = hf.load_tokenizer(folder)
-    path = os.path.join(folder, "tokenizer_config.json")
-    cfg = {}
-    if os.path.isfile(path):
-      try:
-        with open(path, encoding="utf-8") as f:
-          cfg = json.load(f)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
-    text = lambda k: cfg[k]["content"] if isinstance(cfg.get(k), dict) else cfg.get(k)
-    return cls(tok, cfg.get("chat_template"), text("eos_token"), text("pad_token"), text("bos_token"), source=folder)
+    path = os.path.join(folder, TOKENIZER_CONFIG_FILE)
+    cfg = read_json_object(path, DataError) if os.path.isfile(path) else {}
+    tokens = [_special_token(cfg, k, path) for k in ("eos_token", "pad_token", "bos_token")]
+    return cls(tok, read_chat_template(folder, cfg), *tokens, source=folder)
 
   @property
   def vocab_size(self) -> int:
@@ -68,24 +114,60 @@ class TextTokenizer:
     return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
   def render_chat(self, messages: list[dict], add_generation_prompt: bool, where: str = "") -> str:
-    """Returns the chat template rendered as transformers does (sandboxed jinja2)."""
+    """Returns the chat template rendered as transformers renders it (see _compile_chat_template)."""
     if not self.chat_template:
-      raise DataError(f"{where}: conversational example, but {self.source} has no chat_template in "
-                      "tokenizer_config.json; use plain-string prompt/chosen/rejected or add a template")
+      raise DataError(f"{where}: conversational example, but {self.source} has no chat template (neither "
+                      f"{CHAT_TEMPLATE_FILE} nor a 'chat_template' in {TOKENIZER_CONFIG_FILE}); use plain-string "
+                      "prompt/chosen/rejected or add a template")
     import jinja2
-    from jinja2 import sandbox
 
-    def raise_exception(msg):
-      raise jinja2.exceptions.TemplateError(msg)
-
-    env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
     try:
-      return env.from_string(self.chat_template).render(
+      return _compile_chat_template(self.chat_template).render(
           messages=messages, add_generation_prompt=add_generation_prompt, eos_token=self.eos_token or "",
           bos_token=self.bos_token or "")
     except jinja2.exceptions.TemplateError as e:
       raise DataError(f"{where}: chat template of {self.source} failed: {e}") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _compile_chat_template(template: str):
+  """Returns the compiled template in the environment of transformers' `apply_chat_template`.
+
+  Sandboxed jinja2 with trim_blocks and lstrip_blocks; {% break %} / {% continue %}; a `tojson`
+  that does not HTML-escape (Qwen templates serialise tool calls with it); `raise_exception`,
+  `strftime_now`, and the {% generation %} tag (rendered as its body: no assistant mask here).
+  """
+  import datetime
+
+  import jinja2
+  from jinja2 import ext, nodes, sandbox
+
+  class Generation(ext.Extension):
+    tags = {"generation"}
+
+    def parse(self, parser):
+      lineno = next(parser.stream).lineno
+      body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+      return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+      return caller()
+
+  def raise_exception(msg):
+    raise jinja2.exceptions.TemplateError(msg)
+
+  def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+  env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                              extensions=[Generation, ext.loopcontrols])
+  env.filters["tojson"] = tojson
+  env.globals["raise_exception"] = raise_exception
+  env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+  try:
+    return env.from_string(template)
+  except jinja2.exceptions.TemplateSyntaxError as e:
+    raise jinja2.exceptions.TemplateError(f"line {e.lineno}: {e.message}") from None
 
 
 @dataclasses.dataclass

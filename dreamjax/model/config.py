@@ -16,6 +16,126 @@ class ConfigError(ValueError):
   """config.json is missing, malformed or describes an unsupported model."""
 
 
+def read_json_object(path: str, error: type = ConfigError) -> dict:
+  """Returns the JSON object in the file at `path`; raises `error` naming the file otherwise.
+
+  A UTF-8 byte-order mark is accepted (some Windows editors write one); bytes that are not UTF-8,
+  malformed JSON and a top-level value that is not an object are refused with what was expected.
+  """
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:
+    raise error(f"{path}: cannot be read ({e.strerror or e})") from None
+  try:
+    text = data.decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    raise error(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); expected a JSON "
+                "object (is it a binary file, or saved in another encoding?)") from None
+  try:
+    raw = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise error(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+  if not isinstance(raw, dict):
+    raise error(f"{path}: expected a JSON object {{...}} at the top level, got {_kind(raw)}")
+  return raw
+
+
+def _kind(value) -> str:
+  """Returns a JSON value's type as a reader knows it: 'a string', 'null', 'a list', ..."""
+  if value is None:
+    return "null"
+  if isinstance(value, bool):
+    return "a boolean"
+  names = {str: "a string", int: "an integer", float: "a float", list: "a list", dict: "an object"}
+  return names.get(type(value), type(value).__name__)
+
+
+def _shown(value) -> str:
+  """Returns a short display of a bad value and its JSON type, e.g. "'big' (a string)"."""
+  text = json.dumps(value) if not isinstance(value, str) else repr(value)
+  return f"{text[:60]}{'…' if len(text) > 60 else ''} ({_kind(value)})"
+
+
+_REQUIRED = object()
+
+
+class _Fields:
+  """Typed reads of a decoded config.json: each error names the file and the field and says what was expected.
+
+  `prefix` is how the fields are spelled to the reader, e.g. 'rope_parameters.' for a nested object.
+  """
+
+  def __init__(self, raw: dict, source: str, model_type: str, prefix: str = ""):
+    self.raw, self.source, self.model_type, self.prefix = raw, source, model_type, prefix
+
+  def _get(self, name, default):
+    value = self.raw.get(name)
+    if value is None and default is _REQUIRED:
+      if name not in self.raw:
+        raise ConfigError(f"{self.source}: missing field '{self.prefix}{name}' (required for model_type "
+                          f"{self.model_type!r})")
+      raise ConfigError(f"{self.source}: field '{self.prefix}{name}' is null; expected a value (required for "
+                        f"model_type {self.model_type!r})")
+    return value
+
+  def _bad(self, name, value, expected):
+    return ConfigError(f"{self.source}: field '{self.prefix}{name}' must be {expected}, got {_shown(value)}")
+
+  def int(self, name, default=_REQUIRED, minimum: int = 1):
+    """Returns an integer field ≥ minimum (a float, even 48.0, is refused: torch shapes need ints)."""
+    value = self._get(name, default)
+    if value is None:
+      return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+      raise self._bad(name, value, "a positive integer" if minimum == 1 else f"an integer >= {minimum}")
+    return value
+
+  def number(self, name, default=_REQUIRED, at_most: Optional[float] = None):
+    """Returns a positive number field as a float (integers accepted)."""
+    value = self._get(name, default)
+    if value is None:
+      return default
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    if not ok or (at_most is not None and value > at_most):
+      raise self._bad(name, value, "a positive number" + (f" <= {at_most}" if at_most is not None else ""))
+    return float(value)
+
+  def bool(self, name, default: bool):
+    value = self._get(name, default)
+    if value is None:
+      return default
+    if not isinstance(value, bool):
+      raise self._bad(name, value, "true or false")
+    return value
+
+  def token_ids(self, name) -> tuple[int, ...]:
+    """Returns a token-id field (an integer, a list of integers, or null) as a tuple."""
+    value = self.raw.get(name)
+    ids = value if isinstance(value, list) else ([] if value is None else [value])
+    if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+      raise self._bad(name, value, "a token id (an integer >= 0), a list of them, or null")
+    return tuple(ids)
+
+  def token_id(self, name) -> Optional[int]:
+    value = self.raw.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+      raise self._bad(name, value, "a token id (an integer >= 0) or null")
+    return value
+
+  def object(self, name) -> dict:
+    value = self.raw.get(name)
+    if value is not None and not isinstance(value, dict):
+      raise self._bad(name, value, "an object {...} or null")
+    return value or {}
+
+  def strings(self, name) -> Optional[tuple[str, ...]]:
+    value = self.raw.get(name)
+    if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
+      raise self._bad(name, value, "a list of strings or null")
+    return None if value is None else tuple(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Static description of a decoder; hashable, so it can be a jit static argument."""
@@ -63,7 +183,8 @@ class ModelConfig:
       if t not in (FULL, LINEAR):
         raise ConfigError(f"layer_types: unknown layer type {t!r}; expected {FULL!r} or {LINEAR!r}")
     if self.num_heads % self.num_kv_heads:
-      raise ConfigError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+      raise ConfigError(f"num_heads {self.num_heads} (HF 'num_attention_heads') is not a multiple of num_kv_heads "
+                        f"{self.num_kv_heads} (HF 'num_key_value_heads')")
     if LINEAR in self.layer_types:
       if self.linear_num_key_heads < 1 or self.linear_num_value_heads % self.linear_num_key_heads:
         raise ConfigError(
@@ -141,20 +262,17 @@ class ModelConfig:
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
       raise ConfigError(f"{folder}: no config.json (expected a Hugging Face model folder)")
-    try:
-      with open(path, encoding="utf-8") as f:
-        raw = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ConfigError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    return cls.from_hf_dict(raw, source=path)
+    return cls.from_hf_dict(read_json_object(path), source=path)
 
   @classmethod
   def from_hf_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
-    """Returns the config described by a decoded HF config.json."""
+    """Returns the config described by a decoded HF config.json; ConfigError names the field otherwise."""
     model_type = raw.get("model_type")
     if model_type == "qwen3_5":
-      if "text_config" not in raw:
+      if raw.get("text_config") is None:
         raise ConfigError(f"{source}: model_type 'qwen3_5' without field 'text_config'")
+      if not isinstance(raw["text_config"], dict):
+        raise ConfigError(f"{source}: field 'text_config' must be an object {{...}}, got {_shown(raw['text_config'])}")
       raw, source = dict(raw["text_config"]), f"{source} (text_config)"
       raw.setdefault("model_type", "qwen3_5_text")
       model_type = raw["model_type"]
@@ -162,65 +280,70 @@ class ModelConfig:
       raise ConfigError(
           f"{source}: field 'model_type' is {model_type!r}; supported: 'qwen3', 'qwen3_5_text', 'qwen3_5'"
       )
-
-    def need(field):
-      if field not in raw or raw[field] is None:
-        raise ConfigError(f"{source}: missing field '{field}' (required for model_type {model_type!r})")
-      return raw[field]
-
-    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    field = _Fields(raw, source, model_type)
+    rope_name = "rope_parameters" if raw.get("rope_parameters") else "rope_scaling"
+    rope = field.object(rope_name)
+    rope_field = _Fields(rope, source, model_type, prefix=rope_name + ".")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
       raise ConfigError(f"{source}: field 'rope_parameters.rope_type' is {rope_type!r}; only 'default' is supported")
-    rope_theta = rope.get("rope_theta", raw.get("rope_theta"))
-    if rope_theta is None:
+    if rope.get("rope_theta") is None and raw.get("rope_theta") is None:
       raise ConfigError(f"{source}: missing field 'rope_theta' (top level or in 'rope_parameters')")
+    rope_theta = rope_field.number("rope_theta") if rope.get("rope_theta") is not None else field.number("rope_theta")
     if raw.get("attention_bias"):
       raise ConfigError(f"{source}: field 'attention_bias' is true; biased attention projections are not supported")
     if raw.get("use_sliding_window"):
       raise ConfigError(f"{source}: field 'use_sliding_window' is true; sliding-window attention is not supported")
     if raw.get("hidden_act", "silu") != "silu":
       raise ConfigError(f"{source}: field 'hidden_act' is {raw['hidden_act']!r}; only 'silu' is supported")
-    eos = raw.get("eos_token_id")
-    eos = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-    num_layers = need("num_hidden_layers")
-    hidden = need("hidden_size")
-    heads = need("num_attention_heads")
+    num_layers = field.int("num_hidden_layers")
+    hidden = field.int("hidden_size")
+    heads = field.int("num_attention_heads")
     common = dict(
         model_type=model_type,
-        vocab_size=need("vocab_size"),
+        vocab_size=field.int("vocab_size"),
         hidden_size=hidden,
-        intermediate_size=need("intermediate_size"),
+        intermediate_size=field.int("intermediate_size"),
         num_layers=num_layers,
         num_heads=heads,
-        num_kv_heads=raw.get("num_key_value_heads") or heads,
-        head_dim=raw.get("head_dim") or hidden // heads,
-        rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope_theta),
-        tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        bos_token_id=raw.get("bos_token_id"),
-        eos_token_ids=eos,
-        pad_token_id=raw.get("pad_token_id"),
-        max_position_embeddings=raw.get("max_position_embeddings", 32768),
+        num_kv_heads=field.int("num_key_value_heads", heads),
+        head_dim=field.int("head_dim", hidden // heads),
+        rms_norm_eps=field.number("rms_norm_eps", 1e-6),
+        rope_theta=rope_theta,
+        tie_embeddings=field.bool("tie_word_embeddings", False),
+        bos_token_id=field.token_id("bos_token_id"),
+        eos_token_ids=field.token_ids("eos_token_id"),
+        pad_token_id=field.token_id("pad_token_id"),
+        max_position_embeddings=field.int("max_position_embeddings", 32768),
     )
     if model_type == "qwen3":
-      return cls(**common, partial_rotary_factor=1.0)
-    layer_types = raw.get("layer_types")
+      return cls._checked(source, **common, partial_rotary_factor=1.0)
+    layer_types = field.strings("layer_types")
     if layer_types is None:
-      interval = raw.get("full_attention_interval", 4)
-      layer_types = [LINEAR if (i + 1) % interval else FULL for i in range(num_layers)]
-    return cls(
+      interval = field.int("full_attention_interval", 4)
+      layer_types = tuple(LINEAR if (i + 1) % interval else FULL for i in range(num_layers))
+    rotary = rope_field if rope.get("partial_rotary_factor") is not None else field
+    return cls._checked(
+        source,
         **common,
-        partial_rotary_factor=float(rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 0.25))),
-        layer_types=tuple(layer_types),
+        partial_rotary_factor=rotary.number("partial_rotary_factor", 0.25, at_most=1.0),
+        layer_types=layer_types,
         attn_output_gate=True,
         norm_zero_centered=True,
-        linear_num_key_heads=need("linear_num_key_heads"),
-        linear_num_value_heads=need("linear_num_value_heads"),
-        linear_key_head_dim=need("linear_key_head_dim"),
-        linear_value_head_dim=need("linear_value_head_dim"),
-        linear_conv_kernel=raw.get("linear_conv_kernel_dim", 4),
+        linear_num_key_heads=field.int("linear_num_key_heads"),
+        linear_num_value_heads=field.int("linear_num_value_heads"),
+        linear_key_head_dim=field.int("linear_key_head_dim"),
+        linear_value_head_dim=field.int("linear_value_head_dim"),
+        linear_conv_kernel=field.int("linear_conv_kernel_dim", 4),
     )
+
+  @classmethod
+  def _checked(cls, source: str, **kw) -> "ModelConfig":
+    """Returns cls(**kw); a ConfigError of the consistency checks names the file it came from."""
+    try:
+      return cls(**kw)
+    except ConfigError as e:
+      raise ConfigError(f"{source}: {e}") from None
 
   def to_hf_dict(self) -> dict[str, Any]:
     """Returns a config.json dict that transformers loads as this model."""

@@ -15,11 +15,12 @@ from typing import Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from dreamjax.model import layout
-from dreamjax.model.config import FULL, ConfigError, ModelConfig
+from dreamjax.model.config import FULL, ConfigError, ModelConfig, read_json_object
 
 # HF prefixes of the text decoder: Qwen3ForCausalLM / Qwen3_5ForCausalLM use "model.", the
 # multimodal Qwen3_5ForConditionalGeneration checkpoints use "model.language_model.".
@@ -28,7 +29,22 @@ _IGNORED_PREFIXES = ("model.visual.", "visual.", "mtp.")  # vision tower, multi-
 
 
 class CheckpointError(ValueError):
-  """A model folder's weights are missing, incomplete or do not match its config."""
+  """A model folder's weights are missing, incomplete, corrupt or do not match its config."""
+
+
+# What an exported folder's tensors (and config.json's 'dtype') may be: the floating dtypes that
+# transformers loads (torch.float32 / bfloat16 / float16).
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+_NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def _safe_open(fname: str, framework: str):
+  """Returns `safe_open(fname)`; a truncated or corrupt file raises CheckpointError naming it."""
+  try:
+    return safe_open(fname, framework=framework)
+  except (SafetensorError, OSError) as e:
+    raise CheckpointError(f"{fname}: not a readable safetensors file ({e}); it may be truncated or corrupt "
+                          "(an interrupted download or copy): fetch or export it again") from None
 
 
 def _entries(config: ModelConfig) -> Iterator[tuple[tuple, Optional[int], str, str, tuple]]:
@@ -89,17 +105,16 @@ def _weight_files(folder: str) -> dict[str, str]:
   index = os.path.join(folder, "model.safetensors.index.json")
   single = os.path.join(folder, "model.safetensors")
   if os.path.isfile(index):
-    try:
-      with open(index, encoding="utf-8") as f:
-        weight_map = json.load(f)["weight_map"]
-    except (json.JSONDecodeError, KeyError) as e:
-      raise CheckpointError(f"{index}: malformed index (expected a 'weight_map' object): {e}") from None
+    weight_map = read_json_object(index, CheckpointError).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+      raise CheckpointError(f"{index}: field 'weight_map' must be an object {{tensor name: shard file name}}, "
+                            f"got {'no such field' if weight_map is None else json.dumps(weight_map)[:60]}")
     for fname in set(weight_map.values()):
       if not os.path.isfile(os.path.join(folder, fname)):
         raise CheckpointError(f"{index}: shard {fname!r} is listed but missing from {folder}")
     return {k: os.path.join(folder, v) for k, v in weight_map.items()}
   if os.path.isfile(single):
-    with safe_open(single, framework="numpy") as f:
+    with _safe_open(single, "numpy") as f:
       return {k: single for k in f.keys()}
   raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json (no weights found)")
 
@@ -178,8 +193,11 @@ def load_params(
     full = by_name[name]
     fname = files[full]
     if fname not in handles:
-      handles[fname] = safe_open(fname, framework="flax")
-    x = handles[fname].get_tensor(full)
+      handles[fname] = _safe_open(fname, "flax")
+    try:
+      x = handles[fname].get_tensor(full)
+    except (SafetensorError, OSError) as e:
+      raise CheckpointError(f"{fname}: tensor '{full}' cannot be read ({e}); the file may be corrupt") from None
     hf_shape = tuple(_to_hf(np.empty(shape, np.int8), kind).shape)
     if tuple(x.shape) != hf_shape:
       raise CheckpointError(
@@ -209,26 +227,35 @@ def load_params(
   return params
 
 
-def save_hf(folder: str, params: dict, config: ModelConfig, max_shard_bytes: int = 4 << 30) -> None:
+def save_hf(folder: str, params: dict, config: ModelConfig, max_shard_bytes: int = 4 << 30,
+            dtype: Optional[str] = None) -> None:
   """Writes config.json and safetensors (sharded with an index past max_shard_bytes) to `folder`.
 
   Tensors are gathered one layer at a time into the current shard; transformers loads the folder
-  with `AutoModelForCausalLM.from_pretrained`.
+  with `AutoModelForCausalLM.from_pretrained`. Nothing is written if a tensor cannot be cast.
+
+  Args:
+    dtype: one of EXPORT_DTYPES, the dtype of the written tensors and config.json's 'dtype' (and
+      the older 'torch_dtype'); default: the params' own dtype (that of params['embed']).
   """
   from safetensors.numpy import save_file
 
-  os.makedirs(folder, exist_ok=True)
+  dtype = dtype if dtype is not None else np.dtype(params["embed"].dtype).name
+  if dtype not in EXPORT_DTYPES:
+    raise ValueError(f"dtype {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
+  out_dtype = np.dtype(_NUMPY_DTYPES[dtype])
   shards, current, size = [], {}, 0
   for path, slot, name, kind, _ in _entries(config):
     node = _get(params, path)
     x = np.asarray(jax.device_get(node if slot is None else node[slot]))  # bfloat16 stays bfloat16
-    x = np.ascontiguousarray(_to_hf(x, kind))
+    x = np.ascontiguousarray(_to_hf(_cast(x, out_dtype, name), kind))
     if current and size + x.nbytes > max_shard_bytes:
       shards.append(current)
       current, size = {}, 0
     current["model." + name if name != "lm_head.weight" else name] = x
     size += x.nbytes
   shards.append(current)
+  os.makedirs(folder, exist_ok=True)
   index = os.path.join(folder, "model.safetensors.index.json")
   if len(shards) == 1:
     if os.path.exists(index):  # a stale index would take precedence over the new single file
@@ -243,9 +270,40 @@ def save_hf(folder: str, params: dict, config: ModelConfig, max_shard_bytes: int
     with open(index, "w") as f:
       json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
   raw = config.to_hf_dict()
-  raw["torch_dtype"] = raw["dtype"] = str(np.dtype(params["embed"].dtype))  # what from_pretrained defaults to
+  raw["torch_dtype"] = raw["dtype"] = out_dtype.name  # transformers 5 reads 'dtype', older ones 'torch_dtype'
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump(raw, f, indent=1)
+
+
+def _cast(x: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
+  """Returns x as `dtype` (round to nearest even); refuses finite values that overflow to ±inf."""
+  if x.dtype == dtype:
+    return x
+  with np.errstate(over="ignore"):
+    y = x.astype(dtype)
+  if not np.isfinite(y).all() and np.isfinite(x).all():
+    big = float(np.max(np.abs(x.astype(np.float32))))
+    raise CheckpointError(f"tensor '{name}': max |value| {big:.4g} overflows {dtype.name} "
+                          f"(largest finite {float(ml_dtypes.finfo(dtype).max):.4g}); export as bfloat16 or float32")
+  return y
+
+
+def declared_dtype(folder: str) -> Optional[str]:
+  """Returns the parameter dtype a HF folder's config.json declares ('dtype', else 'torch_dtype'), or None.
+
+  transformers 5 writes 'dtype', older versions 'torch_dtype'; a multimodal wrapper may declare it
+  in its 'text_config' only. The value is returned as written (e.g. 'bfloat16'), unchecked.
+  """
+  path = os.path.join(folder, "config.json")
+  raw = read_json_object(path)
+  text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}
+  for where, d in (("", raw), ("text_config.", text)):
+    for key in ("dtype", "torch_dtype"):
+      if d.get(key) is not None:
+        if not isinstance(d[key], str):
+          raise ConfigError(f"{path}: field '{where}{key}' must be a dtype name such as 'bfloat16', got {d[key]!r}")
+        return d[key]
+  return None
 
 
 def load_tokenizer(folder: str):
