@@ -2,8 +2,9 @@
 
     python bench/long_context.py [--contexts 4096,8192,16384,32768] [--family qwen3] [--response 256]
 
-A small model (d_model 128, 2 layers, vocab 4096; Qwen3: 2 attention layers, Qwen3.5: DeltaNet +
-attention), batch 1, one frozen ORPO + APOLLO step per context. Each context runs in a fresh
+A small model (d_model 128, vocab 4096; Qwen3: 2 attention layers; Qwen3.5: 4 layers, DeltaNet and
+attention alternating — with a single attention layer, the last one, a frozen prefill would need none
+of its attention over the context, and XLA drops that work), batch 1, one frozen ORPO + APOLLO step per context. Each context runs in a fresh
 process (peak RSS is a per-process high-water mark), which compiles the step, runs it once, then
 times --reps more. One JSON line per context, then a summary line with the ratios of the largest
 context to the smallest: memory grows linearly when `rss_ratio` ≈ `context_ratio`; quadratic
@@ -29,13 +30,13 @@ def one(context: int, family: str, response: int, reps: int) -> dict:
   from dreamjax.train import batch as batch_lib
   from dreamjax.train import step as step_lib
 
-  common = dict(vocab_size=4096, hidden_size=128, intermediate_size=352, num_layers=2, num_heads=4, num_kv_heads=2,
-                head_dim=32, rope_theta=1e6)
+  common = dict(vocab_size=4096, hidden_size=128, intermediate_size=352, num_heads=4, num_kv_heads=2, head_dim=32,
+                rope_theta=1e6)
   if family == "qwen3":
-    cfg = M.ModelConfig(model_type="qwen3", **common)
+    cfg = M.ModelConfig(model_type="qwen3", num_layers=2, **common)
   else:
-    cfg = M.ModelConfig(model_type="qwen3_5_text", **common, partial_rotary_factor=0.25,
-                        layer_types=(M.LINEAR, M.FULL), attn_output_gate=True, norm_zero_centered=True,
+    cfg = M.ModelConfig(model_type="qwen3_5_text", num_layers=4, **common, partial_rotary_factor=0.25,
+                        layer_types=(M.LINEAR, M.FULL) * 2, attn_output_gate=True, norm_zero_centered=True,
                         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
                         linear_value_head_dim=32)
   rng = np.random.default_rng(0)
@@ -55,7 +56,7 @@ def one(context: int, family: str, response: int, reps: int) -> dict:
     times.append(time.perf_counter() - t0)
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
   return {"bench": "long_context", "device": jax.devices()[0].platform, "family": family, "context": context,
-          "response": response, "batch": 1, "d_model": 128, "layers": 2, "step_s": round(statistics.median(times), 3),
+          "response": response, "batch": 1, "d_model": 128, "layers": cfg.num_layers, "step_s": round(statistics.median(times), 3),
           "first_step_s": round(first, 1), "peak_rss_gb": round(peak / 1e9, 3)}
 
 

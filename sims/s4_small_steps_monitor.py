@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dreamjax.model import init_params
-from dreamjax.train import monitor as mon
+from dreamjax.train import evaluation
+from dreamjax.train import guard as guard_lib
 from dreamjax.train import step as step_lib
 from sims import harness
 from sims import world as W
@@ -90,8 +91,8 @@ def held_out(world: W.World, smoke: dict):
 def guard_run(base, params_C, config, general, pref, chunk_steps):
   """Returns (abort flags [C], reasons of the first abort, perplexity ratio [C]): the project's
   Monitor + Guard at the end of every chunk."""
-  monitor = mon.Monitor(base, config, [general], [pref])
-  guard = mon.Guard("unused", mon.GuardConfig(), is_main_process=False)  # decisions only, no log file
+  monitor = evaluation.Evaluator(base, config, [general], [pref])
+  guard = guard_lib.Guard("unused", guard_lib.GuardConfig(), is_main_process=False)  # decisions only, no log file
   aborts, first, ratio = [], (), []
   for c, params in enumerate(params_C):
     figures = monitor.figures(params)
@@ -189,7 +190,7 @@ def run(seeds: int, quick: bool, key):
   cfg = {"steps": steps, "chunks": chunks, "chunk_steps": chunk_steps, "batch_size": W.BATCH,
          "eval_capability_per_skill": smoke.get("eval_n", EVAL_CAPABILITY),
          "objective": "orpo", "gradient_mode": "full", "optimizer": "dreamjax.optim.apollo(rank=8)",
-         "guard": str(mon.GuardConfig()), "held_out": {"general": EVAL_GENERAL, "preference": EVAL_PREF},
+         "guard": str(guard_lib.GuardConfig()), "held_out": {"general": EVAL_GENERAL, "preference": EVAL_PREF},
          "lr_calibration": lrs, "base": base_info, "model": str(config), "seeds_vmapped": True,
          "trajectories": trajectories, "timing": dict(timing)}
   return harness.Outcome(data=out, config=cfg, notes=notes)
@@ -208,7 +209,7 @@ def run_notes(out, reasons, lrs, cap0, seeds, chunks, chunk_steps) -> list[str]:
                  f"median fire chunk {np.median(o['fire_chunk']):g}, median 50%-loss chunk "
                  f"{np.median(o['half_chunk']):g} (of {chunks}; {chunks + 1} = never); capability loss "
                  f"IQM {harness.stats.iqm(o['cap_loss']):.1f} pp")
-  limit = mon.GuardConfig().max_perplexity_ratio
+  limit = guard_lib.GuardConfig().max_perplexity_ratio
   for arm in DESTRUCTIVE:
     o = out[arm]
     first = int((o["half_chunk"] == 1).sum())

@@ -47,7 +47,9 @@ import numpy as np
 import optax
 
 from dreamjax.model import init_params, layout
-from dreamjax.train import monitor as mon
+from dreamjax.train import diagnostics as diag_lib
+from dreamjax.train import evaluation
+from dreamjax.train import guard as guard_lib
 from dreamjax.train import step as step_lib
 from sims import harness
 from sims import world as W
@@ -79,16 +81,16 @@ def _layers_cos(a, b, config):
 def _run_fn(config, chunks: int, chunk_steps: int, batch_size: int):
   """Returns jit(vmap_P(vmap_S(one))) -> per-step figures [P, S, C, T, L], per-chunk figures [P, S, C + 1, ...]."""
   n_layers = config.num_layers
-  names = [mon.layer_name(i, n_layers) for i in range(n_layers)]
+  names = [diag_lib.layer_name(i, n_layers) for i in range(n_layers)]
   loss_fn = functools.partial(step_lib.batch_loss, config=config, objective="orpo", gradient_mode="full")
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def one(params, key, pool, lr, general, skills):
     opt = W.apollo_optimizer(lr)
-    tokens, mask = mon.general_inputs(general)
+    tokens, mask = evaluation.general_inputs(general)
 
     def health(p):
-      res = mon.residual_growth(p, tokens, mask, config)
+      res = diag_lib.residual_growth(p, tokens, mask, config)
       growth_L = jnp.stack([res[f"residual_growth/{n}"] for n in names])
       cap = jnp.mean(W.exact_match_B(jnp.argmax(W.response_logits(p, skills, config), -1), skills)) * 100.0
       return growth_L, cap
@@ -98,7 +100,7 @@ def _run_fn(config, chunks: int, chunk_steps: int, batch_size: int):
       (loss, _), g = grad_fn(params, W.sample_batch(pool, jax.random.fold_in(key, i), batch_size))
       updates, opt_state = opt.update(g, opt_state, params)
       params = optax.apply_updates(params, updates)
-      norms = mon.layer_grad_norms(g, config, per_matrix=False)
+      norms = diag_lib.layer_grad_norms(g, config, per_matrix=False)
       norm_L = jnp.stack([norms[f"grad/{n}/norm"] for n in names])
       return (params, opt_state, g), (loss, norm_L, _layers_cos(g, prev, config))
 
@@ -127,14 +129,14 @@ def held_out(world: W.World, smoke: dict):
 
 def residual_alarms(growth_CxL, names) -> tuple[np.ndarray, np.ndarray]:
   """Returns (R(c) [C], alarm [C]): the project's growth_vs_base and a Guard with only that check on."""
-  cfg = mon.GuardConfig(max_perplexity_ratio=None, max_weight_drift=None, max_residual_growth=None,
+  cfg = guard_lib.GuardConfig(max_perplexity_ratio=None, max_weight_drift=None, max_residual_growth=None,
                         max_chosen_logp_fall=None, min_chosen_logp_slope=None)
-  guard = mon.Guard("unused", cfg, is_main_process=False)  # decisions only, no log file
+  guard = guard_lib.Guard("unused", cfg, is_main_process=False)  # decisions only, no log file
   fig = lambda g_L: {f"residual_growth/{n}": float(v) for n, v in zip(names, g_L)}
   base = fig(growth_CxL[0])
   ratio, alarm = [], []
   for c in range(1, growth_CxL.shape[0]):
-    figures = mon.growth_vs_base(fig(growth_CxL[c]), base)
+    figures = diag_lib.growth_vs_base(fig(growth_CxL[c]), base)
     ratio.append(figures["residual_growth/max_vs_base"])
     alarm.append(guard.decide(c, figures).action == "abort")
   return np.asarray(ratio), np.asarray(alarm)
@@ -169,7 +171,7 @@ def run(seeds: int, quick: bool, key):
   chunk_steps = steps // chunks
   pc = W.PretrainConfig(steps=smoke.get("pretrain_steps", W.PretrainConfig.steps))
   config = W.model_config("qwen3")
-  names = [mon.layer_name(i, config.num_layers) for i in range(config.num_layers)]
+  names = [diag_lib.layer_name(i, config.num_layers) for i in range(config.num_layers)]
   world = W.World.make(pc.world_seed)
   base_S, base_info = W.pretrain("qwen3", seeds, pc)
   keys_S = harness.seed_keys(key, seeds)
@@ -205,7 +207,7 @@ def run(seeds: int, quick: bool, key):
   out["separation"] = {f"gap_{d}": gap(d) for d in DIAGNOSTICS}
   cfg = {"steps": steps, "chunks": chunks, "chunk_steps": chunk_steps, "batch_size": W.BATCH, "objective": "orpo",
          "gradient_mode": "full", "optimizer": "dreamjax.optim.apollo(rank=8)",
-         "limits": {"residual_growth_vs_base": mon.GuardConfig().max_residual_growth_vs_base,
+         "limits": {"residual_growth_vs_base": guard_lib.GuardConfig().max_residual_growth_vs_base,
                     "grad_floor": GRAD_FLOOR, "direction_floor": DIRECTION_FLOOR},
          "held_out": {"general": EVAL_GENERAL, "per_skill": EVAL_SKILL}, "lr_calibration": lrs, "base": base_info,
          "model": str(config), "seeds_vmapped": True, "arms_vmapped": list(ARMS), "trajectories": trajectories,
@@ -218,7 +220,7 @@ def run_notes(out, lrs, healthy, degenerate, seeds, chunks) -> list[str]:
   notes = [f"lr mapping: ||Δθ||/||θ|| per step {t:g} → lr {v['lr']:.3g} (≈ lr {v['real_lr_equivalent']:.1g} "
            "on a 7B model)" for t, v in lrs.items()]
   iqm = harness.stats.iqm
-  limit = {"residual": mon.GuardConfig().max_residual_growth_vs_base, "floor": -math.log10(GRAD_FLOOR),
+  limit = {"residual": guard_lib.GuardConfig().max_residual_growth_vs_base, "floor": -math.log10(GRAD_FLOOR),
            "direction": -DIRECTION_FLOOR}
   for arm in ARMS:
     o = out[arm]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import time
 
 import jax
 import numpy as np
+import optax
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
@@ -19,6 +21,8 @@ from dreamjax.data import tokenize as tok_lib
 from dreamjax.model import ConfigError, ModelConfig, hf, init_params
 from dreamjax.train import checkpoint as ckpt_lib
 from dreamjax.train import loop
+from dreamjax.train import options as options_lib
+from dreamjax.train import session as session_lib
 from dreamjax.train import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,9 +41,9 @@ def cli(*args, wait=True, **kw):
 def final_state(run_dir):
   """Restores the newest checkpoint of a run made with FAST flags."""
   cfg = loop.RunConfig(run_dir=run_dir, batch_size=4)
-  config, params, _, _ = loop.load_model(cfg)
-  opt, _ = loop.make_optimizer(cfg, loop.PRESET_LR, 7)
-  abstract = jax.eval_shape(lambda: step_lib.init_train_state(params, opt, seed=0))
+  model = session_lib.load_model(cfg)
+  opt, _ = options_lib.make_optimizer(cfg, options_lib.PRESET_LR, 7)
+  abstract = jax.eval_shape(lambda: step_lib.init_train_state(model.params, opt, seed=0))
   with ckpt_lib.Checkpointer(os.path.join(run_dir, "checkpoints"), async_save=False) as ck:
     state, position, _, step = ck.restore(abstract_state=abstract)
   return state, position, step
@@ -100,7 +104,7 @@ def test_checkpoint_of_the_per_layer_layout_is_refused_by_name_and_converts(tmp_
 
   cfg = ModelConfig.preset("qwen3-tiny")
   params = init_params(cfg, jax.random.PRNGKey(4))
-  opt = loop.optax.sgd(1e-3)
+  opt = optax.sgd(1e-3)
   legacy = step_lib.init_train_state(dict(params, layers=layout.unstack(params, cfg)), opt)
   run_config = {"model": "qwen3-tiny", "model_config": cfg.architecture()}
   ckpt_dir = str(tmp_path / "old" / "checkpoints")
@@ -220,6 +224,8 @@ def test_model_folder_without_config_or_weights(tmp_path):
   for f in os.listdir(folder):
     if f.endswith(".safetensors") or f.endswith(".json") and "index" in f:
       os.remove(folder / f)
+  for f in os.listdir(builtin.TOKENIZER):  # the tokenizer is read before the weights
+    shutil.copy(os.path.join(builtin.TOKENIZER, f), folder)
   with pytest.raises(hf.CheckpointError, match=str(folder)):
     loop.run(loop.RunConfig(run_dir=str(tmp_path / "run"), model=str(folder)))
   missing = loop.RunConfig(run_dir=str(tmp_path / "run"), model=str(tmp_path / "nowhere"))

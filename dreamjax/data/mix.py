@@ -52,7 +52,13 @@ def _order(n: int, seed: int, stream: int, cycle: int, shuffle: bool) -> np.ndar
 
 
 class Mixer(Generic[P, G]):
-  """Yields mixed batches: (1 - general_ratio) preference, general_ratio replay, per batch."""
+  """Yields mixed batches: (1 - general_ratio) preference, general_ratio replay, per batch.
+
+  fill_last: an epoch's last, short batch gets extra general examples up to batch_size (the dream
+  cycle's batches keep one shape); without it the batch is short and the caller decides.
+  pref_stream: the seed stream of the preference order (np.random.default_rng([seed, stream,
+  epoch])); the general order uses stream 1.
+  """
 
   def __init__(
       self,
@@ -64,6 +70,8 @@ class Mixer(Generic[P, G]):
       seed: int = 0,
       shuffle: bool = True,
       position: Optional[MixerPosition] = None,
+      fill_last: bool = False,
+      pref_stream: int = 0,
   ):
     if not 0.0 <= general_ratio < 1.0:
       raise ValueError(f"general_ratio must be in [0, 1), got {general_ratio}")
@@ -84,6 +92,8 @@ class Mixer(Generic[P, G]):
       raise ValueError(f"batch_size {batch_size} leaves no room for preference examples")
     self.preference, self.general = list(preference), list(general)
     self.epochs, self.seed, self.shuffle = epochs, seed, shuffle
+    self.fill_last, self.pref_stream = fill_last, pref_stream
+    self.batch_size = batch_size
     self.position = position or MixerPosition()
 
   def batches_per_epoch(self) -> int:
@@ -100,19 +110,29 @@ class Mixer(Generic[P, G]):
     pos = self.position
     if pos.epoch >= self.epochs:
       raise StopIteration
-    order = _order(len(self.preference), self.seed, 0, pos.epoch, self.shuffle)
+    order = _order(len(self.preference), self.seed, self.pref_stream, pos.epoch, self.shuffle)
     idx = order[pos.pref_index : pos.pref_index + self.n_pref]
     pref = [self.preference[i] for i in idx]
     pref_index, epoch = pos.pref_index + len(idx), pos.epoch
     if pref_index >= len(self.preference):
       pref_index, epoch = 0, epoch + 1
+    n_general = self.n_general
+    if self.fill_last and self.general:  # a short last batch: extra replay keeps the batch shape
+      n_general = self.batch_size - len(pref)
     general, g_cycle, g_index = [], pos.general_cycle, pos.general_index
-    while len(general) < self.n_general:
+    while len(general) < n_general:
       g_order = _order(len(self.general), self.seed, 1, g_cycle, self.shuffle)
-      take = g_order[g_index : g_index + self.n_general - len(general)]
+      take = g_order[g_index : g_index + n_general - len(general)]
       general.extend(self.general[i] for i in take)
       g_index += len(take)
       if g_index >= len(self.general):
         g_cycle, g_index = g_cycle + 1, 0
     self.position = MixerPosition(epoch, pref_index, g_cycle, g_index, pos.batches + 1)
     return MixedBatch(pref, general, self.position)
+
+
+def hold_out(examples: Sequence, n: int, rng: np.random.Generator) -> tuple[list, list]:
+  """Returns (held_out, rest): n examples drawn by one permutation from rng, and the others in
+  their original order (the monitors' held-out split, never trained on)."""
+  idx = rng.permutation(len(examples))
+  return [examples[i] for i in idx[:n]], [examples[i] for i in sorted(idx[n:])]

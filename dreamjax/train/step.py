@@ -27,6 +27,7 @@ import optax
 
 from dreamjax import objectives as obj
 from dreamjax.model import ModelConfig, forward, lm_head, positions_from_mask, prefill
+from dreamjax.train import diagnostics
 from dreamjax.train.batch import PreferenceBatch
 
 GRADIENT_MODES = ("frozen", "full")
@@ -305,9 +306,7 @@ def make_train_step(
     grad_norm = optax.tree.norm(grads)
     metrics = dict(metrics, grad_norm=grad_norm, update_norm=optax.tree.norm(updates))
     if grad_stats:
-      from dreamjax.train import monitor  # pylint: disable=g-import-not-at-top
-
-      metrics.update(monitor.layer_grad_norms(grads, config, per_matrix=False))
+      metrics.update(diagnostics.layer_grad_norms(grads, config, per_matrix=False))
     if skip_nonfinite:
       ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
       params, opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), (params, opt_state),

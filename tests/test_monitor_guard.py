@@ -16,7 +16,9 @@ from dreamjax import model as M
 from dreamjax.model import layout
 from dreamjax.train import batch as batch_lib
 from dreamjax.train import log as log_lib
-from dreamjax.train import monitor as mon
+from dreamjax.train import diagnostics
+from dreamjax.train import evaluation
+from dreamjax.train import guard as guard_lib
 from dreamjax.train import step as step_lib
 
 
@@ -67,7 +69,7 @@ def test_weight_drift_matches_numpy(dtype):
   base = toy_tree(rng, dtype, stacked=False)
   delta = toy_tree(rng, dtype, scale=0.05, stacked=False)
   params = jax.tree.map(lambda a, b: (a + b).astype(dtype), base, delta)
-  drift = jax.jit(mon.weight_drift, static_argnames="config")
+  drift = jax.jit(diagnostics.weight_drift, static_argnames="config")
   got = drift(stack(params), stack(base), config=TOY_CFG)
   p, b = dict(np_leaves(params)), dict(np_leaves(base))
   rel = lambda names: np.sqrt(sum(np.sum((p[n] - b[n]) ** 2) for n in names)) / np.sqrt(
@@ -93,11 +95,11 @@ def test_weight_drift_rejects_mismatched_trees():
   rng = np.random.default_rng(1)
   base = toy_tree(rng)
   with pytest.raises(ValueError, match="different structures"):
-    mon.weight_drift({k: v for k, v in base.items() if k != "lm_head"}, base, TOY_CFG)
+    diagnostics.weight_drift({k: v for k, v in base.items() if k != "lm_head"}, base, TOY_CFG)
   other = toy_tree(rng)
   other["layers"][M.LINEAR]["mlp"]["up_proj"] = jnp.zeros((2, 7, 13))
   with pytest.raises(ValueError, match="layers/linear_attention/mlp/up_proj has shape"):
-    mon.weight_drift(other, base, TOY_CFG)
+    diagnostics.weight_drift(other, base, TOY_CFG)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
@@ -105,7 +107,7 @@ def test_layer_grad_norms_match_numpy_row_norms(dtype):
   rng = np.random.default_rng(2)
   grads = toy_tree(rng, dtype, scale=3.0, stacked=False)
   grads["layers"][2]["mlp"]["down_proj"] = grads["layers"][2]["mlp"]["down_proj"].at[4].mul(50.0)  # one hot row
-  got = jax.jit(mon.layer_grad_norms, static_argnames="config")(stack(grads), config=TOY_CFG)
+  got = jax.jit(diagnostics.layer_grad_norms, static_argnames="config")(stack(grads), config=TOY_CFG)
   g = dict(np_leaves(grads))
   expected, layer_norms = {}, []
   for i in range(3):
@@ -136,7 +138,7 @@ def test_layer_grad_norms_match_numpy_row_norms(dtype):
   # The hot row shows in its layer and matrix, not in the others.
   assert float(got["grad/layer_2/row_max"]) == float(got["grad/layer_2/mlp/down_proj/row_max"])
   assert float(got["grad/layer_2/row_max"]) > 10 * float(got["grad/layer_1/row_max"])
-  assert set(mon.layer_grad_norms(stack(grads), TOY_CFG, per_matrix=False)) == {
+  assert set(diagnostics.layer_grad_norms(stack(grads), TOY_CFG, per_matrix=False)) == {
       k for k in expected if k.count("/") <= 2 or not k.startswith("grad/layer_")}
 
 
@@ -162,7 +164,7 @@ def test_residual_growth_matches_numpy_from_hidden_states():
   mask = np.ones((B, C + R), np.int32)
   mask[0, :5] = 0  # left pads
   mask[2, 11:] = 0  # right pads
-  got = jax.jit(mon.residual_growth, static_argnames="config")(params, tokens, mask, config=cfg)
+  got = jax.jit(diagnostics.residual_growth, static_argnames="config")(params, tokens, mask, config=cfg)
   hidden = reference_forward()(params, tokens, M.positions_from_mask(mask), mask).hidden
   h = [np.asarray(x, np.float64) for x in hidden]
   np.testing.assert_array_equal(h[0], np.asarray(params["embed"])[tokens])  # h_0 is the embedding
@@ -177,7 +179,7 @@ def test_residual_growth_matches_numpy_from_hidden_states():
   # Pads are left out: a mean over all positions would differ.
   all_pos = np.mean(np.linalg.norm(h[1], axis=-1) / np.linalg.norm(h[0], axis=-1))
   assert abs(all_pos - growth[0]) > 1e-4
-  rel = mon.growth_vs_base(got, {k: 2 * float(v) for k, v in got.items()})
+  rel = diagnostics.growth_vs_base(got, {k: 2 * float(v) for k, v in got.items()})
   np.testing.assert_allclose(rel["residual_growth/max_vs_base"], 0.5, rtol=1e-6)
 
 
@@ -219,11 +221,11 @@ def test_perplexity_is_exp_of_token_pooled_nll():
   ex2, b2 = general_batch(cfg, 5, [5, 2, 3, 2])
   r1, r2 = np_nll(cfg, params, ex1), np_nll(cfg, params, ex2)
   (s1, n1), (s2, n2) = map(sum, zip(*r1)), map(sum, zip(*r2))
-  ppl1 = jax.jit(mon.general_perplexity, static_argnames="config")(params, b1, config=cfg)
+  ppl1 = jax.jit(evaluation.general_perplexity, static_argnames="config")(params, b1, config=cfg)
   np.testing.assert_allclose(float(ppl1), math.exp(s1 / n1), rtol=1e-5)
   # Pooled over batches by tokens (not a mean of the batches' perplexities).
   pooled = math.exp((s1 + s2) / (n1 + n2))
-  np.testing.assert_allclose(mon.held_out_perplexity(params, [b1, b2], cfg), pooled, rtol=1e-5)
+  np.testing.assert_allclose(evaluation.held_out_perplexity(params, [b1, b2], cfg), pooled, rtol=1e-5)
   assert abs(pooled - 0.5 * (math.exp(s1 / n1) + math.exp(s2 / n2))) > 1e-3 * pooled
 
 
@@ -234,7 +236,7 @@ def test_monitor_figures_against_base_and_step_metrics():
   pairs = [batch_lib.TokenizedExample(rng.integers(3, 263, 5).tolist(), rng.integers(3, 263, 3).tolist(),
                                       rng.integers(3, 263, 4).tolist()) for _ in range(3)]
   pref = batch_lib.collate(pairs + [batch_lib.general_example([3, 4, 5, 6])], 7, 5)  # the general row is left out
-  monitor = mon.Monitor(base, cfg, [general], [pref])
+  monitor = evaluation.Evaluator(base, cfg, [general], [pref])
   at_base = monitor.figures(base)
   assert at_base["perplexity/ratio"] == pytest.approx(1.0, abs=1e-6)
   assert at_base["drift/max"] == 0.0
@@ -267,8 +269,8 @@ def test_guard_aborts_on_crossed_thresholds_and_only_appends(tmp_path):
   earlier = '{"step": 0, "kind": "eval", "passed": true, "note": "written by an earlier run"}\n'
   with open(path, "w") as f:
     f.write(earlier)
-  cfg = mon.GuardConfig(max_perplexity_ratio=1.3, max_weight_drift=0.2, max_residual_growth_vs_base=1.7)
-  guard = mon.Guard(run, cfg, is_main_process=True)
+  cfg = guard_lib.GuardConfig(max_perplexity_ratio=1.3, max_weight_drift=0.2, max_residual_growth_vs_base=1.7)
+  guard = guard_lib.Guard(run, cfg, is_main_process=True)
   ok = guard.decide(10, {"perplexity/ratio": 1.1, "drift/max": jnp.float32(0.05),
                          "residual_growth/max_vs_base": 1.2, "drift/layer_0": 0.05})
   assert (ok.action, ok.passed, ok.reasons) == ("continue", True, ())
@@ -292,14 +294,14 @@ def test_guard_aborts_on_crossed_thresholds_and_only_appends(tmp_path):
   assert lines[2]["reasons"] == list(bad.reasons) and lines[2]["figures"]["drift/max"] == 0.5
   assert lines[3]["figures"]["perplexity/ratio"] == "nan"  # strict JSON: no bare NaN
   # A check whose figure is absent, or whose threshold is None, is not run.
-  off = mon.Guard(run, mon.GuardConfig(max_weight_drift=None), is_main_process=True)
+  off = guard_lib.Guard(run, guard_lib.GuardConfig(max_weight_drift=None), is_main_process=True)
   assert off.decide(40, {"drift/max": 99.0}).passed
-  assert mon.Guard(str(tmp_path / "other"), is_main_process=False).decide(1, {"drift/max": 9.0}).action == "abort"
+  assert guard_lib.Guard(str(tmp_path / "other"), is_main_process=False).decide(1, {"drift/max": 9.0}).action == "abort"
   assert not os.path.exists(tmp_path / "other" / "monitor.jsonl")  # only the main process writes
 
 
 def test_guard_flags_the_falling_preferred_likelihood(tmp_path):
-  guard = mon.Guard(str(tmp_path), mon.GuardConfig(max_chosen_logp_fall=0.45, min_chosen_logp_slope=-0.05,
+  guard = guard_lib.Guard(str(tmp_path), guard_lib.GuardConfig(max_chosen_logp_fall=0.45, min_chosen_logp_slope=-0.05,
                                                    trend_window=4), is_main_process=True)
   chosen = [-1.0, -1.1, -1.2, -1.3, -1.4, -1.5]  # falls 0.1 per eval; rejected falls faster
   decisions = [guard.decide(s, {"logps/chosen": c, "logps/rejected": c - 0.2 * s / 100})
@@ -313,15 +315,15 @@ def test_guard_flags_the_falling_preferred_likelihood(tmp_path):
   np.testing.assert_allclose(lines[5]["figures"]["logps/chosen/fall"], 0.5)
   np.testing.assert_allclose(lines[5]["figures"]["logps/margin"], 0.2 * 6)
   # A noisy but flat likelihood raises nothing.
-  flat = mon.Guard(str(tmp_path / "flat"), mon.GuardConfig(trend_window=4), is_main_process=True)
+  flat = guard_lib.Guard(str(tmp_path / "flat"), guard_lib.GuardConfig(trend_window=4), is_main_process=True)
   noise = np.random.default_rng(0).normal(0, 0.01, 9) - 1.0
   ds = [flat.decide(s, {"logps/chosen": c}) for s, c in enumerate(noise)]
   assert all(d.passed and not d.warnings for d in ds)
 
 
 def test_guard_restore_replays_the_log(tmp_path):
-  cfg = mon.GuardConfig(max_weight_drift=0.3, trend_window=3, max_nonfinite_steps=5)
-  g = mon.Guard(str(tmp_path), cfg, is_main_process=True)
+  cfg = guard_lib.GuardConfig(max_weight_drift=0.3, trend_window=3, max_nonfinite_steps=5)
+  g = guard_lib.Guard(str(tmp_path), cfg, is_main_process=True)
   g.decide(10, {"drift/max": 0.1, "logps/chosen": -1.0})
   g.skip_nonfinite(15, float("nan"))
   g.decide(20, {"drift/max": 0.2, "logps/chosen": -1.2})
@@ -330,7 +332,7 @@ def test_guard_restore_replays_the_log(tmp_path):
   g.decide(40, {"drift/max": 0.1, "logps/chosen": -1.6})  # after the resume point: ignored
   with open(tmp_path / "monitor.jsonl", "a") as f:
     f.write('{"step": 41, "kind": "ev')  # a line cut by a crash
-  h = mon.Guard(str(tmp_path), cfg, is_main_process=True)
+  h = guard_lib.Guard(str(tmp_path), cfg, is_main_process=True)
   with pytest.warns(UserWarning, match="not JSON"):
     h.restore(35)
   assert h.last_passed_step == 20
@@ -351,7 +353,7 @@ def read_lines_lenient(path):
 
 
 def test_nonfinite_steps_are_skipped_and_abort_after_k(tmp_path):
-  guard = mon.Guard(str(tmp_path), mon.GuardConfig(max_nonfinite_steps=2), is_main_process=True)
+  guard = guard_lib.Guard(str(tmp_path), guard_lib.GuardConfig(max_nonfinite_steps=2), is_main_process=True)
   seq = [(1, 0.7, 1.0), (2, float("nan"), 1.0), (3, 0.6, float("inf")), (4, 0.5, 2.0), (5, float("-inf"), None)]
   ds = [guard.skip_nonfinite(s, jnp.float32(loss), gn) for s, loss, gn in seq]
   assert [(d.action, d.passed, d.kind) for d in ds] == [
@@ -363,26 +365,6 @@ def test_nonfinite_steps_are_skipped_and_abort_after_k(tmp_path):
   assert [(x["step"], x["action"], x["nonfinite_count"]) for x in lines] == [(2, "continue", 1), (3, "continue", 2),
                                                                               (5, "abort", 3)]
   assert lines[1]["figures"] == {"loss": 0.6000000238418579, "grad_norm": "inf"}
-
-
-def test_guard_nonfinite_update_keeps_the_old_state_under_jit():
-  rng = np.random.default_rng(9)
-  params = {"w": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32), "b": jnp.asarray(rng.normal(size=(3,)))}
-  opt = optax.adam(1e-2)
-  old = step_lib.TrainState(params, opt.init(params), jnp.int32(7), jax.random.key(0))
-  new = step_lib.TrainState(jax.tree.map(lambda x: x + 1.0, params),
-                            jax.tree.map(lambda x: x + 1 if x.dtype != jnp.int32 else x + 1, old.opt_state),
-                            jnp.int32(8), jax.random.key(1))
-  f = jax.jit(mon.guard_nonfinite_update)
-  same = lambda a, b: all(
-      np.array_equal(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x,
-                     jax.random.key_data(y) if jax.dtypes.issubdtype(y.dtype, jax.dtypes.prng_key) else y)
-      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-  assert same(f(old, new, jnp.float32(0.5), jnp.float32(2.0)), new)
-  assert same(f(old, new, jnp.float32(jnp.nan), jnp.float32(2.0)), old)
-  assert same(f(old, new, jnp.float32(0.5), jnp.float32(jnp.inf)), old)
-  assert same(jax.jit(lambda o, n, l: mon.guard_nonfinite_update(o, n, l))(old, new, jnp.float32(-jnp.inf)), old)
-  assert not same(old, new)
 
 
 # ---------------------------------------------------------------------------------------------
