@@ -12,8 +12,6 @@
 The destination must not exist (nothing is overwritten).
 """
 
-import dataclasses
-import json
 import os
 import shutil
 import sys
@@ -22,11 +20,10 @@ from absl import app, flags, logging
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dreamjax.data import builtin
 from dreamjax.model import ConfigError, ModelConfig, hf
-from dreamjax.model import config as model_config_lib
 from dreamjax.model import layout
 from dreamjax.train import checkpoint as ckpt_lib
+from dreamjax.train import run_params
 
 SOURCE = "source"  # --dtype: keep the source model's parameter dtype
 _TO = flags.DEFINE_enum("to", None, ["orbax", "hf"], "Direction: HF folder -> Orbax, or Orbax -> HF folder.")
@@ -66,17 +63,6 @@ def hf_to_orbax(src: str, dst: str) -> None:
   _copy_tokenizer(src, dst)
 
 
-def model_config_from_dict(d: dict) -> ModelConfig:
-  fields = {f.name for f in dataclasses.fields(ModelConfig)}
-  kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in fields}
-  return ModelConfig(**kw)
-
-
-def _restore_raw(path: str):
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(os.path.abspath(path))
-
-
 def source_dtype(model_folder: str | None, params) -> str:
   """Returns the dtype `--dtype source` exports: what model_folder's config.json declares, else the params'.
 
@@ -112,28 +98,11 @@ def orbax_to_hf(src: str, dst: str, step=None, dtype: str = SOURCE) -> int | Non
     raise ConvertError(f"--dst {dst} exists; choose a new folder (nothing is overwritten)")
   if os.path.isdir(os.path.join(src, PARAMS_DIR)):  # a --to orbax output
     config = ModelConfig.from_hf(src)
-    params, tok_src, used, model_folder = _restore_raw(os.path.join(src, PARAMS_DIR)), src, None, src
+    params, tok_src, used, model_folder = run_params.restore_raw(os.path.join(src, PARAMS_DIR)), src, None, src
   else:
-    ckpt_dir = os.path.join(src, "checkpoints") if os.path.isdir(os.path.join(src, "checkpoints")) else src
-    ck = ckpt_lib.Checkpointer(ckpt_dir, async_save=False)
-    steps = ck.all_steps()
-    ck.close()
-    if not steps:
-      raise ConvertError(f"--src {src}: no Orbax checkpoint steps found (expected a run folder or its checkpoints/)")
-    used = steps[-1] if step is None else step
-    if used not in steps:
-      raise ConvertError(f"--step {used}: not among the checkpoint steps {steps} in {ckpt_dir}")
-    step_dir = os.path.join(ckpt_dir, str(used))
-    state = _restore_raw(os.path.join(step_dir, ckpt_lib.STATE))
-    with open(os.path.join(step_dir, ckpt_lib.CONFIG, "metadata")) as f:  # Orbax JsonSave: plain JSON
-      run_config = json.load(f)
-    if "model_config" not in run_config:
-      raise ConvertError(f"{step_dir}: run config has no model_config; was it written by launch.train?")
-    config = model_config_from_dict(run_config["model_config"])
-    params = state["params"]
-    model = run_config.get("model", "")
-    tok_src = builtin.TOKENIZER if model in model_config_lib.PRESETS else model
-    model_folder = None if model in model_config_lib.PRESETS else model
+    run = run_params.restore(src, step)
+    config, params, used = run.config, run.params, run.step
+    tok_src, model_folder = run.tokenizer_folder, run.model_folder
   if dtype == SOURCE:
     dtype = source_dtype(model_folder, params)
   hf.save_hf(dst, layout.from_per_layer(params, config), config, dtype=dtype)  # checkpoints of either layout
