@@ -33,8 +33,9 @@ from dreamjax.data import jsonl
 from dreamjax.data import tokenize as tok_lib
 from dreamjax.model import ModelConfig
 from dreamjax.model.sample import generate
-from dreamjax.train import loop as train_loop
+from dreamjax.train import options as options_lib
 from dreamjax.train import run_params
+from dreamjax.train import session as session_lib
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
 
@@ -115,15 +116,15 @@ def load_model(cfg: GenerateConfig) -> Model:
     description = f"run {cfg.run_dir}, checkpoint step {run.step} of {run.checkpoint_dir} (model {run.model})"
   else:
     try:
-      config, params, tokenizer, is_preset = train_loop.load_model(train_loop.RunConfig(model=cfg.model,
-                                                                                        seed=cfg.seed))
-    except train_loop.RunError as e:
+      m = session_lib.load_model(options_lib.TrainOptions(model=cfg.model, seed=cfg.seed))
+    except options_lib.RunError as e:
       raise GenerateError(str(e)) from None
-    description = (f"preset {cfg.model} (random init, seed {cfg.seed})" if is_preset
+    config, params, tokenizer = m.config, m.params, m.tokenizer
+    description = (f"preset {cfg.model} (random init, seed {cfg.seed})" if m.is_preset
                    else f"model folder {cfg.model}")
   try:
-    train_loop.check_vocab(config, tokenizer)
-  except train_loop.RunError as e:
+    session_lib.check_vocab(config, tokenizer)
+  except options_lib.RunError as e:
     raise GenerateError(str(e)) from None
   return Model(config, params, tokenizer, description)
 

@@ -85,10 +85,15 @@ def load_model(opts: options_lib.TrainOptions) -> Model:
     params = hf.load_params(opts.model, config)
     is_preset = False
   config = config.replace(attention_impl=opts.attention_impl, prefill_chunk=opts.prefill_chunk)
+  check_vocab(config, tokenizer)
+  return Model(config, params, tokenizer, is_preset)
+
+
+def check_vocab(config: M.ModelConfig, tokenizer: tok_lib.TextTokenizer) -> None:
+  """RunError when the tokenizer has ids past the model's embedding."""
   if tokenizer.vocab_size > config.vocab_size:
     raise RunError(f"tokenizer/model vocab mismatch: {tokenizer.source}/tokenizer.json has {tokenizer.vocab_size} "
                    f"ids but the model's vocab_size is {config.vocab_size}; ids past it have no embedding")
-  return Model(config, params, tokenizer, is_preset)
 
 
 def prepare_run_dir(run_dir: str) -> None:
