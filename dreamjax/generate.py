@@ -153,25 +153,17 @@ def read_prompts_file(path: str) -> list[tuple[jsonl.Turns, str]]:
   A line's other fields (e.g. a preference file's chosen/rejected) are ignored. DataError names
   the file, the line and the field of a bad line.
   """
-  out, lineno = [], 0
-  try:
-    for lineno, line in jsonl.iter_lines(path):
-      where = f"{path}:{lineno}"
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise jsonl.DataError(f"{where}: malformed JSON at column {e.colno}: {e.msg}") from None
-      if not isinstance(obj, dict):
-        raise jsonl.DataError(f"{where}: expected a JSON object with a 'prompt' field; got {type(obj).__name__}")
-      if "prompt" not in obj:
-        raise jsonl.DataError(f"{where}: missing field 'prompt'; expected {{\"prompt\": string or "
-                              "[{role, content}, ...]}")
-      prompt = jsonl._check_turns(obj["prompt"], where, "prompt")  # pylint: disable=protected-access
-      if isinstance(prompt, str) and not prompt:
-        raise jsonl.DataError(f"{where}: field 'prompt' is empty")
-      out.append((prompt, where))
-  except UnicodeDecodeError as e:
-    raise jsonl.DataError(f"{path}: after line {lineno}: not UTF-8 text ({e.reason})") from None
+  out = []
+  for where, obj in jsonl.read_objects(path):
+    if not isinstance(obj, dict):
+      raise jsonl.DataError(f"{where}: expected a JSON object with a 'prompt' field; got {type(obj).__name__}")
+    if "prompt" not in obj:
+      raise jsonl.DataError(f"{where}: missing field 'prompt'; expected {{\"prompt\": string or "
+                            "[{role, content}, ...]}")
+    prompt = jsonl.check_turns(obj["prompt"], where, "prompt")
+    if isinstance(prompt, str) and not prompt:
+      raise jsonl.DataError(f"{where}: field 'prompt' is empty")
+    out.append((prompt, where))
   if not out:
     raise jsonl.DataError(f"{path}: no prompts (the file is empty)")
   return out
@@ -240,7 +232,7 @@ def run(cfg: GenerateConfig, out: Optional[TextIO] = None, info: Callable[[str],
   """Writes one JSON line per prompt to cfg.output (or `out`, default stdout); returns how many.
 
   Everything is checked before the output file is created: flags, the prompts file, the model and
-  every prompt's tokenisation. Raises GenerateError, DataError, ConfigError or CheckpointError
+  every prompt's tokenisation. Raises GenerateError, DataError, ConfigError or ModelFileError
   (the model's files) naming what is wrong.
   """
   validate(cfg)

@@ -127,7 +127,7 @@ def main(argv):
     else:
       used = orbax_to_hf(_SRC.value, _DST.value, _STEP.value, _DTYPE.value)
       print(f"wrote HF folder {_DST.value}" + (f" from checkpoint step {used}" if used is not None else ""))
-  except (ConvertError, ConfigError, hf.CheckpointError, ckpt_lib.CheckpointError) as e:
+  except (ConvertError, ConfigError, hf.ModelFileError, ckpt_lib.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   logging.info("done")

@@ -18,7 +18,7 @@ from dreamjax.data import jsonl
 from dreamjax.dream import cycle
 from dreamjax.dream.scorer import ScorerError
 from dreamjax.model import ConfigError
-from dreamjax.model.hf import CheckpointError as ModelFileError
+from dreamjax.model.hf import ModelFileError
 from dreamjax.train import checkpoint as ckpt_lib
 from launch import flags as launch_flags
 

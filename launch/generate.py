@@ -16,7 +16,7 @@ from absl import app, flags, logging
 from dreamjax import generate
 from dreamjax.data import jsonl
 from dreamjax.model import ConfigError
-from dreamjax.model.hf import CheckpointError as ModelFileError
+from dreamjax.model.hf import ModelFileError
 from dreamjax.train import checkpoint as ckpt_lib
 
 _D = generate.GenerateConfig()

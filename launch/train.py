@@ -15,7 +15,7 @@ from absl import app, flags, logging
 
 from dreamjax.data import jsonl
 from dreamjax.model import ConfigError
-from dreamjax.model.hf import CheckpointError as ModelFileError
+from dreamjax.model.hf import ModelFileError
 from dreamjax.train import checkpoint as ckpt_lib
 from dreamjax.train import loop
 from launch import flags as launch_flags

@@ -30,7 +30,6 @@ import dataclasses
 import hashlib
 import importlib
 import json
-import math
 import os
 import pkgutil
 import platform
@@ -47,6 +46,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, TextI
 import numpy as np
 
 from sims import report
+from sims.jsonio import jsonable, write_json  # noqa: F401  (re-exported: sims import them from here)
 from sims import stats
 from sims.stats import (ERROR, INCONCLUSIVE, REFUTED, SUPPORTED, Control, Criterion,  # noqa: F401
                         Effect)
@@ -221,35 +221,6 @@ def as_numpy(data: Mapping[str, Mapping[str, Any]], seeds: int, arms: Mapping[st
 
 # ---------------------------------------------------------------------------------------------
 # JSON.
-
-
-def jsonable(x):
-  """Returns x as plain JSON data; non-finite floats become the strings 'nan', 'inf', '-inf'."""
-  if isinstance(x, Mapping):
-    return {str(k): jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [jsonable(v) for v in x]
-  if hasattr(x, "__array__") and not isinstance(x, (str, bytes)):
-    x = np.asarray(x)
-    return jsonable(x.tolist()) if x.ndim else jsonable(x.item())
-  if isinstance(x, (bool, np.bool_)):
-    return bool(x)
-  if isinstance(x, (int, np.integer)):
-    return int(x)
-  if isinstance(x, (float, np.floating)):
-    x = float(x)
-    return x if math.isfinite(x) else str(x)
-  if x is None or isinstance(x, str):
-    return x
-  return repr(x)
-
-
-def write_json(path: str, obj: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, allow_nan=False)
-    f.write("\n")
-  os.replace(tmp, path)
 
 
 def environment() -> dict:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from sims import jsonio
 from sims import stats
 
 MATPLOTLIB_MISSING = ("matplotlib is not installed, so no figure was drawn "
@@ -51,8 +52,7 @@ def reanalyse(record: dict, bootstrap: dict) -> Optional[dict]:
 
 
 def _jsonable(x):
-  from sims import harness  # pylint: disable=import-outside-toplevel
-  return harness.jsonable(x)
+  return jsonio.jsonable(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,8 +319,7 @@ def write(out: str, figures: bool = False) -> str:
       if r.get("data") is not None:
         r["analysis"] = analyses[r["name"]]
         r["figure"], r["figure_note"] = draw_figure(r, out, plot=_sim_plot(r["name"]))
-    from sims import harness  # pylint: disable=import-outside-toplevel
-    harness.write_json(os.path.join(out, "results.json"), results)
+    jsonio.write_json(os.path.join(out, "results.json"), results)
   if changed:
     print(f"note: the analysis re-derived with the current code differs from the stored one for "
           f"{', '.join(changed)}; the report shows the re-derived one", file=sys.stderr)

@@ -86,7 +86,7 @@ def test_dtype_errors_write_nothing(tmp_path):
     convert.orbax_to_hf(str(tmp_path / "run"), str(tmp_path / "hf"))
   big = dict(params, embed=params["embed"].at[3, 1].set(69632.0))  # past float16's 65504 (exact in bfloat16)
   run_checkpoint(str(tmp_path / "big_run"), big, "qwen3_5-tiny")
-  with pytest.raises(hf.CheckpointError, match=r"tensor 'embed_tokens.weight': max \|value\| 6\.963e\+04 overflows "
+  with pytest.raises(hf.ModelFileError, match=r"tensor 'embed_tokens.weight': max \|value\| 6\.963e\+04 overflows "
                                                r"float16 \(largest finite 6\.55e\+04\); export as bfloat16 or float32"):
     convert.orbax_to_hf(str(tmp_path / "big_run"), str(tmp_path / "hf"), dtype="float16")
   assert not (tmp_path / "hf").exists()

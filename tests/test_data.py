@@ -112,3 +112,46 @@ def test_mixer_rejects_bad_config():
     mix.Mixer([1], batch_size=4, general_ratio=1.0)
   with pytest.raises(ValueError, match="rounds to 0"):
     mix.Mixer([1], ["g"], batch_size=1, general_ratio=0.25)
+
+
+def test_encodings_bom_gzip_and_bytes_that_are_not_utf8(tmp_path):
+  good = "".join(json.dumps(x) + "\n" for x in (GOOD, CHAT)).encode("utf-8")
+  (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + good)  # what some Windows editors write
+  assert [e.chosen for e in jsonl.read_preferences(str(tmp_path / "bom.jsonl"))] == ["yes", CHAT["chosen"]]
+  import gzip  # pylint: disable=g-import-not-at-top
+
+  (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(good))
+  ex = jsonl.read_preferences(str(tmp_path / "d.jsonl.gz"))
+  assert [e.chosen for e in ex] == ["yes", CHAT["chosen"]] and ex[1].source.endswith("d.jsonl.gz:2")
+  (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(good * 50)[:-30])  # truncated download
+  with pytest.raises(jsonl.DataError, match=r"cut\.jsonl\.gz: gzip-compressed, but its data cannot be decompressed"):
+    jsonl.read_preferences(str(tmp_path / "cut.jsonl.gz"))
+  latin1 = json.dumps({"prompt": "café", "chosen": "y", "rejected": "n"}, ensure_ascii=False).encode("latin-1")
+  (tmp_path / "latin1.jsonl").write_bytes(good + latin1 + b"\n")
+  with pytest.raises(jsonl.DataError, match=r"latin1\.jsonl:3: not UTF-8 text \(byte 0xe9 at column 16\)"):
+    jsonl.read_preferences(str(tmp_path / "latin1.jsonl"))
+  bad = jsonl.BadLines()  # a bad byte is a bad line: skippable like malformed JSON
+  assert len(jsonl.read_preferences(str(tmp_path / "latin1.jsonl"), skip_bad_lines=True, bad=bad)) == 2
+  assert bad.count == 1 and "latin1.jsonl:3: not UTF-8" in bad.reasons[0]
+  (tmp_path / "binary.jsonl").write_bytes(bytes(range(256)))
+  with pytest.raises(jsonl.DataError, match=r"binary\.jsonl:1: (not UTF-8|malformed JSON)"):
+    jsonl.read_texts(str(tmp_path / "binary.jsonl"))
+  with pytest.raises(jsonl.DataError, match="is a directory"):
+    jsonl.read_texts(str(tmp_path))
+
+
+def test_mixer_fill_last_and_preference_stream():
+  pref, gen = list(range(11)), list(range(100, 107))
+  m = mix.Mixer(pref, gen, batch_size=4, general_ratio=0.25, seed=3, fill_last=True, pref_stream=3)
+  batches = list(m)
+  assert [len(b.preference) for b in batches] == [3, 3, 3, 2]
+  assert all(len(b.preference) + len(b.general) == 4 for b in batches)  # the short batch gets extra replay
+  assert sorted(x for b in batches for x in b.preference) == pref  # one pass, no repeat
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  order = np.random.default_rng([3, 3, 0]).permutation(11).tolist()  # stream 3, epoch 0
+  assert [x for b in batches for x in b.preference] == order
+  replay = [x for b in batches for x in b.general]
+  g0 = np.random.default_rng([3, 1, 0]).permutation(7).tolist()
+  g1 = np.random.default_rng([3, 1, 1]).permutation(7).tolist()
+  assert len(replay) == 5 and replay == [gen[i] for i in (g0 + g1)[:5]]

@@ -18,7 +18,7 @@ from dreamjax import dream as D
 from dreamjax import model as M
 from dreamjax.data import jsonl
 from dreamjax.data.jsonl import DataError
-from dreamjax.dream import loop, scenario
+from dreamjax.dream import round as round_lib, scenario
 
 
 def write_lines(path, lines):
@@ -476,7 +476,7 @@ def test_kind_share_warning(caplog):
 def test_next_kind_tracks_target_shares():
   counts = collections.Counter()
   for _ in range(20):
-    counts[loop.next_kind(["a", "b", "c"], [0.5, 0.3, 0.2], counts)] += 1
+    counts[round_lib.next_kind(["a", "b", "c"], [0.5, 0.3, 0.2], counts)] += 1
   assert counts == {"a": 10, "b": 6, "c": 4}
 
 

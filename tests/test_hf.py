@@ -165,28 +165,28 @@ def test_weight_errors_name_the_tensor_and_file(tmp_path):
   src = fixture("qwen3_tiny")
   folder = tmp_path / "w"
   write_config(folder, json.load(open(os.path.join(src, "config.json"))))
-  with pytest.raises(hf.CheckpointError, match="no model.safetensors"):
+  with pytest.raises(hf.ModelFileError, match="no model.safetensors"):
     hf.load(str(folder))
   tensors = load_file(os.path.join(src, "model.safetensors"))
   # Missing tensor.
   save_file({k: v for k, v in tensors.items() if k != "model.layers.1.mlp.up_proj.weight"},
             str(folder / "model.safetensors"))
-  with pytest.raises(hf.CheckpointError, match=r"'layers.1.mlp.up_proj.weight' is missing"):
+  with pytest.raises(hf.ModelFileError, match=r"'layers.1.mlp.up_proj.weight' is missing"):
     hf.load(str(folder))
   # Unexpected tensor.
   save_file(dict(tensors, **{"model.layers.9.mlp.up_proj.weight": tensors["model.norm.weight"]}),
             str(folder / "model.safetensors"))
-  with pytest.raises(hf.CheckpointError, match=r"model.safetensors: unexpected tensors .*layers.9.mlp.up_proj"):
+  with pytest.raises(hf.ModelFileError, match=r"model.safetensors: unexpected tensors .*layers.9.mlp.up_proj"):
     hf.load(str(folder))
   # Shape mismatch (the config says a wider MLP than the weights have).
   save_file(tensors, str(folder / "model.safetensors"))
   write_config(folder, dict(json.load(open(os.path.join(src, "config.json"))), intermediate_size=89))
-  with pytest.raises(hf.CheckpointError, match=r"model.safetensors: tensor 'model.layers.0.mlp.gate_proj.weight' has "
+  with pytest.raises(hf.ModelFileError, match=r"model.safetensors: tensor 'model.layers.0.mlp.gate_proj.weight' has "
                                                r"shape \(88, 48\); the config expects \(89, 48\)"):
     hf.load(str(folder))
   # Sharded index pointing at a missing shard.
   (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"model.norm.weight": "gone.safetensors"}}))
-  with pytest.raises(hf.CheckpointError, match=r"shard 'gone.safetensors' is listed but missing"):
+  with pytest.raises(hf.ModelFileError, match=r"shard 'gone.safetensors' is listed but missing"):
     hf.load(str(folder))
 
 
@@ -305,7 +305,7 @@ def test_corrupt_safetensors_names_the_file(tmp_path, corrupt, reason, sharded):
   assert len(shards) > 2 if sharded else shards == ["model.safetensors"]
   path = tmp_path / shards[-1]  # the last shard: the error comes mid-load, after other tensors were read
   path.write_bytes(corrupt(path.read_bytes()))
-  err = unchanged_after(path, hf.CheckpointError, rf"{path}: not a readable safetensors file \(.*{reason}.*\); it may "
+  err = unchanged_after(path, hf.ModelFileError, rf"{path}: not a readable safetensors file \(.*{reason}.*\); it may "
                         "be truncated or corrupt", lambda: hf.load(str(tmp_path)))
   assert "\n" not in str(err)
 
@@ -319,7 +319,7 @@ def test_corrupt_safetensors_names_the_file(tmp_path, corrupt, reason, sharded):
 def test_corrupt_safetensors_index_names_the_file(tmp_path, index, match):
   write_config(tmp_path, QWEN3)
   (tmp_path / "model.safetensors.index.json").write_bytes(index)
-  unchanged_after(tmp_path / "model.safetensors.index.json", hf.CheckpointError,
+  unchanged_after(tmp_path / "model.safetensors.index.json", hf.ModelFileError,
                   rf"model.safetensors.index.json: {match}", lambda: hf.load(str(tmp_path)))
 
 

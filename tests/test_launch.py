@@ -226,7 +226,7 @@ def test_model_folder_without_config_or_weights(tmp_path):
       os.remove(folder / f)
   for f in os.listdir(builtin.TOKENIZER):  # the tokenizer is read before the weights
     shutil.copy(os.path.join(builtin.TOKENIZER, f), folder)
-  with pytest.raises(hf.CheckpointError, match=str(folder)):
+  with pytest.raises(hf.ModelFileError, match=str(folder)):
     loop.run(loop.RunConfig(run_dir=str(tmp_path / "run"), model=str(folder)))
   missing = loop.RunConfig(run_dir=str(tmp_path / "run"), model=str(tmp_path / "nowhere"))
   with pytest.raises(loop.RunError, match="--model: .*nowhere.* local model folder"):

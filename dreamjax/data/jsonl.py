@@ -3,15 +3,19 @@
 Preference lines: {"prompt": ..., "chosen": ..., "rejected": ...} where each value is a string, or
 (conversational format) a list of {"role": str, "content": str} messages. General (replay) lines:
 {"text": str}. A bad line raises `DataError` naming the file, the line number and the field; with
-`skip_bad_lines=True` it is recorded (and counted) instead.
+`skip_bad_lines=True` it is recorded (and counted) instead. Files are UTF-8 (a byte-order mark is
+ignored), plain or gzip-compressed; `read_objects` is the reader every JSONL input goes through.
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
+import gzip
 import json
 import os
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
+import zlib
 
 Message = dict[str, str]
 Turns = Union[str, list[Message]]
@@ -56,7 +60,9 @@ class BadLines:
         f.write(reason + "\n")
 
 
-def _check_turns(value: Any, where: str, field: str) -> Turns:
+def check_turns(value: Any, where: str, field: str) -> Turns:
+  """Returns a prompt/response value (a string or a list of {role, content} messages); DataError
+  names `where` and the field when it is neither."""
   if isinstance(value, str):
     return value
   if isinstance(value, list):
@@ -96,9 +102,9 @@ def parse_preference(obj: Any, where: str) -> PreferenceExample:
   for field in ("prompt", "chosen", "rejected"):
     if field not in obj:
       raise DataError(f"{where}: missing field '{field}'; expected keys prompt, chosen, rejected")
-  prompt = _check_turns(obj["prompt"], where, "prompt")
-  chosen = _check_turns(obj["chosen"], where, "chosen")
-  rejected = _check_turns(obj["rejected"], where, "rejected")
+  prompt = check_turns(obj["prompt"], where, "prompt")
+  chosen = check_turns(obj["chosen"], where, "chosen")
+  rejected = check_turns(obj["rejected"], where, "rejected")
   if isinstance(chosen, str) != isinstance(rejected, str):
     raise DataError(f"{where}: fields 'chosen' and 'rejected' must both be strings or both message lists")
   for field, turns in (("chosen", chosen), ("rejected", rejected)):
@@ -120,32 +126,65 @@ def parse_text(obj: Any, where: str) -> TextExample:
   return TextExample(obj["text"], source=where)
 
 
-def iter_lines(path: str) -> Iterator[tuple[int, str]]:
-  """Yields (line number, text) of the non-blank lines of a JSONL file; DataError if it is missing."""
+def _raw_lines(path: str) -> Iterator[bytes]:
+  """Yields the raw lines of a file; gzip-compressed data (by its magic bytes) is decompressed."""
+  with open(path, "rb") as f:
+    compressed = f.read(2) == b"\x1f\x8b"
+  if not compressed:
+    with open(path, "rb") as f:
+      yield from f
+    return
+  with gzip.open(path, "rb") as f:
+    try:
+      yield from f
+    except (OSError, EOFError, zlib.error) as e:
+      raise DataError(f"{path}: gzip-compressed, but its data cannot be decompressed ({e})") from None
+
+
+def read_objects(path: str, on_error: Optional[Callable[[DataError], None]] = None) -> Iterator[tuple[str, Any]]:
+  """Yields ("file:line", decoded JSON value) for each non-blank line of a JSONL file.
+
+  The one reader of the project's JSONL inputs: UTF-8 (a leading byte-order mark is ignored),
+  plain or gzip-compressed (`.jsonl.gz`, recognised by its content). A line that is not UTF-8 or
+  not JSON raises DataError naming the file, the line and the column, or, given on_error, is
+  handed to it and skipped. A missing file or a folder is a DataError.
+  """
   if not os.path.exists(path):
     raise DataError(f"{path}: no such file")
   if os.path.isdir(path):
     raise DataError(f"{path}: is a directory; expected a JSONL file")
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
-      if line.strip():
-        yield lineno, line
+  for lineno, raw in enumerate(_raw_lines(path), start=1):
+    where = f"{path}:{lineno}"
+    if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+      raw = raw[len(codecs.BOM_UTF8):]
+    try:
+      line = raw.decode("utf-8")
+      if not line.strip():
+        continue
+      yield where, json.loads(line)
+      continue
+    except UnicodeDecodeError as e:
+      error = DataError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); expected "
+                        "UTF-8 JSON lines (was the file saved in another encoding?)")
+    except json.JSONDecodeError as e:
+      error = DataError(f"{where}: malformed JSON at column {e.colno}: {e.msg}")
+    if on_error is None:
+      raise error
+    on_error(error)
 
 
 def _read(path, parse, skip_bad_lines, bad_lines_file, bad):
+  def skip(e: DataError) -> None:
+    if not skip_bad_lines:
+      raise e
+    bad.record(str(e), bad_lines_file)
+
   out = []
-  for lineno, line in iter_lines(path):
-    where = f"{path}:{lineno}"
+  for where, obj in read_objects(path, on_error=skip):
     try:
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{where}: malformed JSON at column {e.colno}: {e.msg}") from None
       out.append(parse(obj, where))
     except DataError as e:
-      if not skip_bad_lines:
-        raise
-      bad.record(str(e), bad_lines_file)
+      skip(e)
   if not out:
     raise DataError(f"{path}: no valid examples (file is empty or every line was bad)")
   return out

@@ -12,7 +12,7 @@ example assets (a memory graph, templates and rules) ship under `dreamjax/assets
 import importlib.resources
 
 from dreamjax.dream.consolidate import ConsolidationSchedule, Ledger
-from dreamjax.dream.loop import (DreamConfig, DreamStats, Pair, Response, TripletWriter, dream_round,
+from dreamjax.dream.round import (DreamConfig, DreamStats, Pair, Response, TripletWriter, dream_round,
                                  kind_share_warnings, make_pair, plan_scenarios, sample_answers, triplet_record)
 from dreamjax.dream.memory import (EdgeConfig, Memory, MemoryGraph, build_graph, load_graph, read_memories,
                                    write_memories)

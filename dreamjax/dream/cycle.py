@@ -48,7 +48,7 @@ import numpy as np
 from dreamjax.data import builtin, jsonl, mix
 from dreamjax.data import tokenize as tok_lib
 from dreamjax.dream import consolidate as consolidate_lib
-from dreamjax.dream import loop as dream_lib
+from dreamjax.dream import round as round_lib
 from dreamjax.dream import memory as memory_lib
 from dreamjax.dream import scenario as scenario_lib
 from dreamjax.dream import scorer as scorer_lib
@@ -217,7 +217,7 @@ def held_out_scenarios(graph, templates, cfg: CycleConfig) -> tuple[list, set]:
   path = os.path.join(cfg.run_dir, EVAL_SCENARIOS)
   if os.path.exists(path):
     prefs, node_sets = [], set()
-    for where, obj in memory_lib.read_objects(path):
+    for where, obj in jsonl.read_objects(path):
       prefs.append(jsonl.parse_preference(obj, where))
       node_sets.add(frozenset(obj.get("node_ids", ())))
     return prefs, node_sets
@@ -229,7 +229,7 @@ def held_out_scenarios(graph, templates, cfg: CycleConfig) -> tuple[list, set]:
                                                       min_distance=cfg.min_distance),
                            np.random.default_rng([cfg.seed, 11]))
   try:
-    scenarios, _ = dream_lib.plan_scenarios(walker, with_targets, cfg.eval_scenarios, recall_k=cfg.recall_k)
+    scenarios, _ = round_lib.plan_scenarios(walker, with_targets, cfg.eval_scenarios, recall_k=cfg.recall_k)
   except ValueError as e:
     raise RunError(f"--eval_scenarios: {e}") from None
   other_target = {k: next(t.target for t in with_targets if t.kind != k) for k in kinds}
@@ -263,20 +263,12 @@ def load_general(cfg: CycleConfig, tokenizer):
 
 def read_cycle_triplets(path: str, seed: int) -> list[jsonl.PreferenceExample]:
   """Returns the triplets of the round with `seed` (provenance.seed) in the triplets file, in file order."""
-  out = []
   if not os.path.exists(path):
-    return out
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{lineno}"
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise jsonl.DataError(f"{where}: malformed JSON ({e})") from None
-      if (obj.get("provenance") or {}).get("seed") == seed:
-        out.append(jsonl.parse_preference(obj, where))
+    return []
+  out = []
+  for where, obj in jsonl.read_objects(path):
+    if not isinstance(obj, dict) or (obj.get("provenance") or {}).get("seed") == seed:
+      out.append(jsonl.parse_preference(obj, where))  # a line that is not an object: its DataError
   return out
 
 
@@ -345,7 +337,7 @@ def run(cfg: CycleConfig, on_cycle: Optional[Callable[[dict], None]] = None) -> 
                                          chat_format=chat_format_for(tokenizer), max_context=cfg.max_context_len)
   ledger = consolidate_lib.Ledger(os.path.join(cfg.run_dir, "memory_ledger.json"))
   consolidation = consolidate_lib.ConsolidationSchedule(cfg.replay_cycles, cfg.replay_decay, cfg.fresh_share)
-  dream_cfg = dream_lib.DreamConfig(
+  dream_cfg = round_lib.DreamConfig(
       walk=walk_lib.WalkConfig(length=cfg.walk_length, n_walks=cfg.n_walks, min_distance=cfg.min_distance),
       temperatures=tuple(cfg.temperatures), samples_per_temperature=cfg.samples_per_temperature,
       max_new_tokens=cfg.max_new_tokens, top_p=cfg.top_p, batch_size=cfg.gen_batch_size,
@@ -367,7 +359,7 @@ def run(cfg: CycleConfig, on_cycle: Optional[Callable[[dict], None]] = None) -> 
       seed_p = consolidation.seed_weights(ages)
       if isinstance(scorer, scorer_lib.ModelJudgeScorer) and cfg.judge == "current":
         scorer.params = s.state.params
-      dstats = dream_lib.dream_round(s.state.params, config, tokenizer, graph, templates, scorer,
+      dstats = round_lib.dream_round(s.state.params, config, tokenizer, graph, templates, scorer,
                                      n_scenarios=cfg.scenarios, seed=seed_k, out_path=triplets_path,
                                      model_step=model_step, dream=dream_cfg, chat_format=chat_format,
                                      seed_weights=seed_p, exclude_node_sets=held_out_node_sets)

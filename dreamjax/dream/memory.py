@@ -81,16 +81,6 @@ class EdgeConfig:
 # JSONL
 
 
-def read_objects(path: str) -> Iterator[tuple[str, Any]]:
-  """Yields ("file:line", decoded JSON value) for each non-blank line of a JSONL file."""
-  for lineno, line in jsonl.iter_lines(path):
-    where = f"{path}:{lineno}"
-    try:
-      yield where, json.loads(line)
-    except json.JSONDecodeError as e:
-      raise DataError(f"{where}: malformed JSON at column {e.colno}: {e.msg}") from None
-
-
 def check_keys(obj: Any, where: str, allowed: Sequence[str], required: Sequence[str], what: str) -> dict:
   """Returns obj if it is a JSON object with the required keys and no others; else DataError."""
   if not isinstance(obj, dict):
@@ -170,7 +160,7 @@ def parse_memory(obj: Any, where: str) -> Memory:
 def read_memories(path: str) -> list[Memory]:
   """Returns the validated memories of a JSONL file (unique ids, links to known ids, one embedding size)."""
   memories, line_of = [], {}
-  for where, obj in read_objects(path):
+  for where, obj in jsonl.read_objects(path):
     mem = parse_memory(obj, where)
     if mem.id in line_of:
       raise DataError(f"{where}: field 'id' {mem.id!r} repeats the memory at {line_of[mem.id]}")

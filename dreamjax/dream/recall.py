@@ -27,7 +27,7 @@ import numpy as np
 
 from dreamjax.data.jsonl import DataError
 from dreamjax.dream.memory import Memory, MemoryGraph, parse_memory, read_memories
-from dreamjax.dream.scenario import Message, Turns
+from dreamjax.data.jsonl import Message, Turns
 
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 DEFAULT_HEADER = "Relevant memories:"

@@ -30,11 +30,12 @@ import string
 from typing import Any, Callable, Optional, Sequence, Union
 
 from dreamjax.data.jsonl import DataError
-from dreamjax.dream.memory import MemoryGraph, check_keys, read_objects
+from dreamjax.data import jsonl
+from dreamjax.dream.memory import MemoryGraph, check_keys
+from dreamjax.dream.recall import Recall
 from dreamjax.dream.walk import Collision
 
-Message = dict[str, str]
-Turns = Union[str, list[Message]]
+Message, Turns = jsonl.Message, jsonl.Turns
 
 FORMATS = ("plain", "chat")
 ROLES = ("system", "user", "assistant")
@@ -144,7 +145,7 @@ def parse_template(obj: Any, where: str) -> Template:
 def read_templates(path: str) -> list[Template]:
   """Returns the validated templates of a JSONL file (unique ids)."""
   templates, line_of = [], {}
-  for where, obj in read_objects(path):
+  for where, obj in jsonl.read_objects(path):
     t = parse_template(obj, where)
     if t.id in line_of:
       raise DataError(f"{where}: field 'id' {t.id!r} repeats the template at {line_of[t.id]}")
@@ -182,7 +183,6 @@ def render(template: Template, graph: MemoryGraph, collision: Collision, recall=
     slots[f"walk_{k}"] = block(dict.fromkeys(walk.path))
   if template.uses_recall:
     if recall is None:
-      from dreamjax.dream.recall import Recall  # pylint: disable=import-outside-toplevel  (recall imports this module)
       recall = Recall(graph)
     query = "\n".join(graph.memories[i].text for i in nodes)
     hits = recall.top(query, recall_k, exclude=graph.ids(nodes))

@@ -27,7 +27,8 @@ import numpy as np
 
 from dreamjax import objectives
 from dreamjax.data.jsonl import DataError
-from dreamjax.dream.memory import check_keys, read_objects
+from dreamjax.data import jsonl
+from dreamjax.dream.memory import check_keys
 from dreamjax.dream.scenario import Scenario, encode, prompt_text, render_chatml
 from dreamjax.model import forward, lm_head, positions_from_mask
 
@@ -142,7 +143,7 @@ class RuleScorer:
   def from_file(cls, path: str, base: float = 0.0) -> "RuleScorer":
     """Returns a RuleScorer with the rules of a JSONL file (see `parse_rule`); names are unique."""
     rules, line_of = [], {}
-    for where, obj in read_objects(path):
+    for where, obj in jsonl.read_objects(path):
       rule = parse_rule(obj, where)
       if rule.name in line_of:
         raise DataError(f"{where}: field 'name' {rule.name!r} repeats the rule at {line_of[rule.name]}")

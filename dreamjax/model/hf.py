@@ -28,7 +28,7 @@ _PREFIXES = ("model.language_model.", "model.")
 _IGNORED_PREFIXES = ("model.visual.", "visual.", "mtp.")  # vision tower, multi-token prediction
 
 
-class CheckpointError(ValueError):
+class ModelFileError(ValueError):
   """A model folder's weights are missing, incomplete, corrupt or do not match its config."""
 
 
@@ -39,11 +39,11 @@ _NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16
 
 
 def _safe_open(fname: str, framework: str):
-  """Returns `safe_open(fname)`; a truncated or corrupt file raises CheckpointError naming it."""
+  """Returns `safe_open(fname)`; a truncated or corrupt file raises ModelFileError naming it."""
   try:
     return safe_open(fname, framework=framework)
   except (SafetensorError, OSError) as e:
-    raise CheckpointError(f"{fname}: not a readable safetensors file ({e}); it may be truncated or corrupt "
+    raise ModelFileError(f"{fname}: not a readable safetensors file ({e}); it may be truncated or corrupt "
                           "(an interrupted download or copy): fetch or export it again") from None
 
 
@@ -105,18 +105,18 @@ def _weight_files(folder: str) -> dict[str, str]:
   index = os.path.join(folder, "model.safetensors.index.json")
   single = os.path.join(folder, "model.safetensors")
   if os.path.isfile(index):
-    weight_map = read_json_object(index, CheckpointError).get("weight_map")
+    weight_map = read_json_object(index, ModelFileError).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-      raise CheckpointError(f"{index}: field 'weight_map' must be an object {{tensor name: shard file name}}, "
+      raise ModelFileError(f"{index}: field 'weight_map' must be an object {{tensor name: shard file name}}, "
                             f"got {'no such field' if weight_map is None else json.dumps(weight_map)[:60]}")
     for fname in set(weight_map.values()):
       if not os.path.isfile(os.path.join(folder, fname)):
-        raise CheckpointError(f"{index}: shard {fname!r} is listed but missing from {folder}")
+        raise ModelFileError(f"{index}: shard {fname!r} is listed but missing from {folder}")
     return {k: os.path.join(folder, v) for k, v in weight_map.items()}
   if os.path.isfile(single):
     with _safe_open(single, "numpy") as f:
       return {k: single for k in f.keys()}
-  raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json (no weights found)")
+  raise ModelFileError(f"{folder}: no model.safetensors or model.safetensors.index.json (no weights found)")
 
 
 def _host():
@@ -189,7 +189,7 @@ def load_params(
 
   def read(path, name, kind, shape):
     if name not in by_name:
-      raise CheckpointError(f"{folder}: tensor '{name}' is missing from the checkpoint (needed for {path})")
+      raise ModelFileError(f"{folder}: tensor '{name}' is missing from the checkpoint (needed for {path})")
     full = by_name[name]
     fname = files[full]
     if fname not in handles:
@@ -197,10 +197,10 @@ def load_params(
     try:
       x = handles[fname].get_tensor(full)
     except (SafetensorError, OSError) as e:
-      raise CheckpointError(f"{fname}: tensor '{full}' cannot be read ({e}); the file may be corrupt") from None
+      raise ModelFileError(f"{fname}: tensor '{full}' cannot be read ({e}); the file may be corrupt") from None
     hf_shape = tuple(_to_hf(np.empty(shape, np.int8), kind).shape)
     if tuple(x.shape) != hf_shape:
-      raise CheckpointError(
+      raise ModelFileError(
           f"{fname}: tensor '{full}' has shape {tuple(x.shape)}; the config expects {hf_shape} "
           f"(ours: {shape} for {path})"
       )
@@ -222,7 +222,7 @@ def load_params(
     extra = [e for e in extra if e != "lm_head.weight"]  # tied checkpoints may still store it
   if extra:
     where = sorted({files[by_name[e]] for e in extra})
-    raise CheckpointError(
+    raise ModelFileError(
         f"{', '.join(where)}: unexpected tensors not in the config: {extra[:5]}{' …' if len(extra) > 5 else ''}")
   return params
 
@@ -283,7 +283,7 @@ def _cast(x: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
     y = x.astype(dtype)
   if not np.isfinite(y).all() and np.isfinite(x).all():
     big = float(np.max(np.abs(x.astype(np.float32))))
-    raise CheckpointError(f"tensor '{name}': max |value| {big:.4g} overflows {dtype.name} "
+    raise ModelFileError(f"tensor '{name}': max |value| {big:.4g} overflows {dtype.name} "
                           f"(largest finite {float(ml_dtypes.finfo(dtype).max):.4g}); export as bfloat16 or float32")
   return y
 
