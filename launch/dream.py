@@ -20,6 +20,7 @@ from dreamjax.dream.scorer import ScorerError
 from dreamjax.model import ConfigError
 from dreamjax.model.hf import ModelFileError
 from dreamjax.train import checkpoint as ckpt_lib
+from dreamjax.train import mesh as mesh_lib
 from launch import flags as launch_flags
 
 launch_flags.define(cycle.CycleConfig)
@@ -52,6 +53,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS["verbosity"].present:  # Orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
+  try:
+    mesh_lib.initialize_distributed()  # several processes (JAX_COORDINATOR_ADDRESS, ...) or a no-op
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   try:
     summary = cycle.run(config_from_flags(), on_cycle=_print_cycle)
   except _ERRORS as e:

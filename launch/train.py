@@ -17,6 +17,7 @@ from dreamjax.data import jsonl
 from dreamjax.model import ConfigError
 from dreamjax.model.hf import ModelFileError
 from dreamjax.train import checkpoint as ckpt_lib
+from dreamjax.train import mesh as mesh_lib
 from dreamjax.train import loop
 from launch import flags as launch_flags
 
@@ -35,6 +36,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS["verbosity"].present:  # Orbax logs every save at INFO; keep the console to the bar
     logging.set_verbosity(logging.WARNING)
+  try:
+    mesh_lib.initialize_distributed()  # several processes (JAX_COORDINATOR_ADDRESS, ...) or a no-op
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   try:
     summary = loop.run(config_from_flags())
   except _ERRORS as e:

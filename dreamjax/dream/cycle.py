@@ -43,6 +43,7 @@ import time
 from typing import Callable, Optional
 
 from absl import logging
+import jax
 import numpy as np
 
 from dreamjax.data import builtin, jsonl, mix
@@ -312,8 +313,12 @@ def run(cfg: CycleConfig, on_cycle: Optional[Callable[[dict], None]] = None) -> 
   """
   validate(cfg)
   session_lib.prepare_run_dir(cfg.run_dir)
+  if jax.process_count() > 1:
+    raise RunError(f"launch.dream runs in one process (this is one of {jax.process_count()}): every process would "
+                   "write the same triplets file; spread one process over the host's devices with --mesh instead")
   graph, templates, scorer = load_dream_inputs(cfg)
-  model = session_lib.load_model(cfg)
+  mesh = session_lib.make_mesh(cfg)
+  model = session_lib.load_model(cfg, mesh)
   config, tokenizer = model.config, model.tokenizer
   general, eval_general = load_general(cfg, tokenizer)
   eval_prefs, held_out_node_sets = held_out_scenarios(graph, templates, cfg)
@@ -324,7 +329,8 @@ def run(cfg: CycleConfig, on_cycle: Optional[Callable[[dict], None]] = None) -> 
   run_config = dict(cfg.to_json(), lr=lr, model_config=config.architecture(), context_len=c_len, response_len=r_len)
   eval_p = [tok_lib.encode_preference(e, tokenizer, c_len, r_len, "truncate") for e in eval_prefs]
   s = session_lib.Session(cfg, model, run_config=run_config, resume_keys=RESUME_KEYS, total_steps=max_steps,
-                          shapes=(c_len, r_len), eval_general=eval_general, eval_preference=eval_p, save_every=1)
+                          shapes=(c_len, r_len), eval_general=eval_general, eval_preference=eval_p, save_every=1,
+                          mesh=mesh)
   position = {"cycle": 0, "general_cycle": 0, "general_index": 0}
   if s.position is not None:
     position.update({k: int(v) for k, v in s.position.items() if k in position})

@@ -29,6 +29,7 @@ import numpy as np
 from dreamjax.data import builtin, jsonl, mix
 from dreamjax.data import tokenize as tok_lib
 from dreamjax.train import checkpoint as ckpt_lib
+from dreamjax.train import mesh as mesh_lib
 from dreamjax.train import options as options_lib
 from dreamjax.train import session as session_lib
 from dreamjax.train.options import option
@@ -82,7 +83,7 @@ def load_data(cfg: RunConfig, tokenizer, run_dir: str):
   """Returns (preference, general, eval_pref, eval_general, stats, bad) as TokenizedExamples."""
   pref_paths = cfg.data or (builtin.PREFERENCES,)
   general_paths = cfg.general_data or ((builtin.GENERAL,) if not cfg.data else ())
-  bad, bad_file = jsonl.BadLines(), os.path.join(run_dir, "bad_lines.txt")
+  bad, bad_file = jsonl.BadLines(), os.path.join(run_dir, "bad_lines.txt") if mesh_lib.is_main_process() else None
   prefs = _read_all(pref_paths, jsonl.read_preferences, cfg, bad, bad_file)
   texts = _read_all(general_paths, jsonl.read_texts, cfg, bad, bad_file)
   stats = tok_lib.TokenStats()
@@ -117,7 +118,8 @@ def run(cfg: RunConfig) -> dict:
   """Trains; returns the summary (also written to RUN/summary.json). Raises RunError on bad input."""
   validate(cfg)
   session_lib.prepare_run_dir(cfg.run_dir)
-  model = session_lib.load_model(cfg)
+  mesh = session_lib.make_mesh(cfg)
+  model = session_lib.load_model(cfg, mesh)
   prefs, general, eval_pref, eval_general, tstats, bad = load_data(cfg, model.tokenizer, cfg.run_dir)
   if tstats.context_truncated or tstats.response_truncated or tstats.dropped_overlong:
     logging.warning("over-long examples: %s (--max_context_len %d, --max_response_len %d, --overlong %s)",
@@ -137,7 +139,7 @@ def run(cfg: RunConfig) -> dict:
                     response_len=r_len, total_steps=total_steps)
   s = session_lib.Session(cfg, model, run_config=run_config, resume_keys=RESUME_KEYS, total_steps=total_steps,
                           shapes=(c_len, r_len), eval_general=eval_general, eval_preference=eval_pref,
-                          save_every=cfg.save_every, grad_log_every=cfg.eval_every)
+                          save_every=cfg.save_every, grad_log_every=cfg.eval_every, mesh=mesh)
   if s.position is not None:
     mixer.position = mix.MixerPosition.from_dict(s.position)
 
@@ -166,6 +168,7 @@ def run(cfg: RunConfig) -> dict:
   s.close()
   step = s.step_count
   summary_path = os.path.join(cfg.run_dir, "summary.json")
+  main = mesh_lib.is_main_process()  # every process trains; process 0 writes the run's files
   if step == start and os.path.exists(summary_path):  # nothing left to do: keep the run's summary
     with open(summary_path) as f:
       return json.load(f)
@@ -179,6 +182,7 @@ def run(cfg: RunConfig) -> dict:
       "last_monitor": s.last_figures and {k: v for k, v in s.last_figures.items() if "/layer_" not in k},
       "paths": s.paths(),
   }
-  with open(summary_path, "w") as f:
-    json.dump(summary, f, indent=1, default=float)
+  if main:
+    with open(summary_path, "w") as f:
+      json.dump(summary, f, indent=1, default=float)
   return summary

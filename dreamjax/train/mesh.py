@@ -12,6 +12,7 @@ No pmap: a mesh with fsdp = 1 is plain data parallelism.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Optional, Sequence
 
@@ -105,14 +106,70 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def initialize_distributed() -> None:
-  """Initialises multi-host JAX (TPU pods, multi-node GPU) when more than one process is launched.
+def initialize_distributed() -> bool:
+  """Initialises multi-process JAX when the environment launches several processes; returns whether
+  this is one of several.
 
-  Uses the environment the cluster provides (TPU metadata, SLURM, or the JAX_COORDINATOR_ADDRESS /
-  JAX_NUM_PROCESSES / JAX_PROCESS_ID variables); a no-op for a single process.
+  JAX_COORDINATOR_ADDRESS=host:port with JAX_NUM_PROCESSES=N and JAX_PROCESS_ID=i (0..N-1) in
+  each process's environment: an explicit launch (several hosts, or several processes on one
+  machine). Without them, a cluster JAX detects by itself (SLURM, TPU pod metadata). CPU
+  collectives across processes go through gloo. Call before anything touches a device.
   """
-  import os
-
-  multi = any(os.environ.get(v) for v in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES"))
-  if multi and not jax.distributed.is_initialized():
+  env = os.environ
+  if jax.distributed.is_initialized():
+    return jax.process_count() > 1
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    missing = [v for v in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if not env.get(v)]
+    if missing:
+      raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {' and '.join(missing)} is not: a multi-process "
+                       "launch sets all three in every process")
+    try:
+      n, i = int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"])
+    except ValueError:
+      raise ValueError(f"JAX_NUM_PROCESSES={env['JAX_NUM_PROCESSES']!r} and JAX_PROCESS_ID={env['JAX_PROCESS_ID']!r} "
+                       "must be integers") from None
+    if not 0 <= i < n:
+      raise ValueError(f"JAX_PROCESS_ID={i} is not in 0..JAX_NUM_PROCESSES-1={n - 1}")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"], num_processes=n, process_id=i)
+  elif env.get("SLURM_NTASKS", "1") != "1" or env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
     jax.distributed.initialize()
+  return jax.process_count() > 1
+
+
+def is_main_process() -> bool:
+  """Whether this process writes the run's files (logs, summaries): process 0."""
+  return jax.process_index() == 0
+
+
+def global_array(x, sharding: NamedSharding) -> jax.Array:
+  """Returns a global array with `sharding` from a host value every process holds whole (each
+  process fills its own devices' shards; nothing is gathered or sent)."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def put_batch(batch, mesh: Mesh):
+  """Returns the batch pytree (host arrays, the same on every process) as global arrays sharded on
+  their leading axis over the mesh's batch axes."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: global_array(x, sharding), batch)
+
+
+def put_replicated(tree, mesh: Mesh):
+  """Returns the pytree of host arrays (the same on every process) as global arrays replicated on
+  every device of the mesh (small inputs such as the evaluator's held-out batches)."""
+  sharding = replicated(mesh)
+  return jax.tree.map(lambda x: global_array(x, sharding), tree)
+
+
+def param_placer(mesh: Mesh):
+  """Returns `place(path, host_array) -> global array` for `hf.load_params`: each parameter goes
+  straight onto its sharding (see `leaf_spec`), never whole onto one device."""
+  fsdp = mesh.shape["fsdp"]
+
+  def place(path: tuple, x):
+    keystr = "".join(f"['{k}']" for k in path)
+    return global_array(x, NamedSharding(mesh, leaf_spec(keystr, tuple(np.shape(x)), fsdp)))
+
+  return place

@@ -17,6 +17,7 @@ import json
 import os
 from typing import NamedTuple, Optional
 
+import jax
 import orbax.checkpoint as ocp
 
 from dreamjax.data import builtin
@@ -59,10 +60,18 @@ def model_config_from_dict(d: dict) -> ModelConfig:
 
 
 def restore_raw(path: str):
-  """Returns the pytree of an Orbax StandardSave folder as saved (no target needed)."""
+  """Returns the pytree of an Orbax StandardSave folder, every array on this process's first device.
+
+  The target comes from the checkpoint's own metadata (no optimizer or model needed), placed on
+  one local device: a checkpoint written by 8 devices (or several processes) reads on a laptop.
+  """
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      return ckptr.restore(os.path.abspath(path))
+      meta = ckptr.metadata(os.path.abspath(path))
+      meta = getattr(meta, "item_metadata", meta)
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+      return ckptr.restore(os.path.abspath(path), target)
   except Exception as e:  # pylint: disable=broad-except
     reason = ckpt_lib._short(e)  # pylint: disable=protected-access
     raise ckpt_lib.CheckpointError(f"{path}: unreadable ({reason})") from None

@@ -69,11 +69,22 @@ class Model:
   is_preset: bool  # a tiny preset: random init, built-in tokenizer
 
 
-def load_model(opts: options_lib.TrainOptions) -> Model:
-  """Returns the model of --model: a local HF folder, or a tiny preset (random init from --seed)."""
+def load_model(opts: options_lib.TrainOptions, mesh: Optional[jax.sharding.Mesh] = None) -> Model:
+  """Returns the model of --model: a local HF folder, or a tiny preset (random init from --seed).
+
+  With a mesh the parameters go straight into their shardings (a folder's tensor by tensor, a
+  preset's init compiled with its output shardings), never whole onto one device: what a model
+  larger than one device, or a multi-process run, needs. Without one, onto the default device.
+  """
   if opts.model in model_config_lib.PRESETS:
     config = M.ModelConfig.preset(opts.model)
-    params = M.init_params(config, jax.random.PRNGKey(opts.seed))
+    init = lambda key: M.init_params(config, key)
+    key = jax.random.PRNGKey(opts.seed)
+    if mesh is None:
+      params = init(key)
+    else:
+      shardings = mesh_lib.tree_shardings(jax.eval_shape(init, key), mesh)
+      params = jax.jit(init, out_shardings=shardings)(key)
     tokenizer = tok_lib.TextTokenizer.from_folder(builtin.TOKENIZER)
     is_preset = True
   else:
@@ -82,7 +93,7 @@ def load_model(opts: options_lib.TrainOptions) -> Model:
                      f"({', '.join(sorted(model_config_lib.PRESETS))}); models are read from local folders only")
     config = M.ModelConfig.from_hf(opts.model)
     tokenizer = tok_lib.TextTokenizer.from_folder(opts.model)  # a bad tokenizer fails before the weights load
-    params = hf.load_params(opts.model, config)
+    params = hf.load_params(opts.model, config, place=None if mesh is None else mesh_lib.param_placer(mesh))
     is_preset = False
   config = config.replace(attention_impl=opts.attention_impl, prefill_chunk=opts.prefill_chunk)
   check_vocab(config, tokenizer)
@@ -100,7 +111,7 @@ def prepare_run_dir(run_dir: str) -> None:
   """Creates the run folder; RunError when it cannot be written."""
   try:
     os.makedirs(run_dir, exist_ok=True)
-    probe = os.path.join(run_dir, ".write_test")
+    probe = os.path.join(run_dir, f".write_test.{jax.process_index()}")  # one per process: no race
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
@@ -135,9 +146,10 @@ _STEPS: dict = {}
 
 
 def train_step(config: M.ModelConfig, opts: options_lib.TrainOptions, lr: float, total_steps: int, mesh):
-  """Returns (optimizer, schedule, jitted step) for these settings, reused by later sessions of the
-  process with the same ones (a resumed run, the dream cycle's repeated opens, tests), so the step
-  compiles once per process."""
+  """Returns (optimizer, schedule, jitted step, jitted state init) for these settings, reused by
+  later sessions of the process with the same ones (a resumed run, the dream cycle's repeated
+  opens, tests), so each compiles once per process. The init copies the params into a fresh
+  TrainState with every leaf in its sharding (`mesh_lib.tree_shardings`)."""
   key = (config, lr, None if opts.schedule == "constant" else total_steps, mesh,
          tuple(getattr(opts, k) for k in options_lib.STEP_OPTIONS))
   if key not in _STEPS:
@@ -146,8 +158,17 @@ def train_step(config: M.ModelConfig, opts: options_lib.TrainOptions, lr: float,
         config, opts.objective, optimizer, opts.gradient_mode, mesh=mesh, objective_kwargs={"beta": opts.beta},
         remat=opts.remat_policy if opts.remat else False, compute_dtype=jnp.bfloat16 if opts.bf16 else None,
         grad_accum=opts.grad_accum, skip_nonfinite=True, grad_stats=True, dropout=opts.dropout)
+    init = lambda p: step_lib.init_train_state(jax.tree.map(jnp.copy, p), optimizer, seed=opts.seed)
+    cache: dict = {}
+
+    def init_state(params):  # compiled once per params structure
+      k = jax.tree.structure(params)
+      if k not in cache:
+        cache[k] = jax.jit(init, out_shardings=mesh_lib.tree_shardings(jax.eval_shape(init, params), mesh))
+      return cache[k](params)
+
     _STEPS.clear()  # one entry: a process rarely alternates between settings
-    _STEPS[key] = (optimizer, schedule, step_fn)
+    _STEPS[key] = (optimizer, schedule, step_fn, init_state)
   return _STEPS[key]
 
 
@@ -183,23 +204,23 @@ class Session:
 
   def __init__(self, opts: options_lib.TrainOptions, model: Model, *, run_config: dict, resume_keys: Sequence[str],
                total_steps: int, shapes: tuple[int, int], eval_general: Sequence = (), eval_preference: Sequence = (),
-               save_every: int = 100, grad_log_every: int = 1):
+               save_every: int = 100, grad_log_every: int = 1, mesh: Optional[jax.sharding.Mesh] = None):
     self.opts, self.model, self.run_config = opts, model, run_config
     self.shapes, self.total_steps, self.grad_log_every = shapes, total_steps, grad_log_every
     self.objective = obj.get(opts.objective)
     self.pad_id = model.tokenizer.pad_id if model.tokenizer.pad_id is not None else 0
     self.lr = options_lib.learning_rate(opts, model.is_preset)
-    self.mesh = make_mesh(opts)
-    self.optimizer, self.schedule, self._step_fn = train_step(model.config, opts, self.lr, total_steps, self.mesh)
-    self._place = lambda tree: jax.device_put(tree, mesh_lib.tree_shardings(tree, self.mesh))
-    params = self._place(model.params)
+    self.mesh = mesh if mesh is not None else make_mesh(opts)
+    self.optimizer, self.schedule, self._step_fn, init_state = train_step(model.config, opts, self.lr, total_steps,
+                                                                          self.mesh)
+    params = jax.device_put(model.params, mesh_lib.tree_shardings(model.params, self.mesh))  # a no-op if placed
     # The step donates its state: the base params (drift, rollback, DPO reference) are a copy.
-    self.state = self._place(step_lib.init_train_state(jax.tree.map(jnp.copy, params), self.optimizer,
-                                                       seed=opts.seed))
+    self.state = init_state(params)
     config_path = os.path.join(opts.run_dir, "config.json")
     if opts.resume and os.path.exists(config_path):  # refuse a changed run before touching anything in it
       self._check_config(model_config_lib.read_json_object(config_path, RunError), config_path, resume_keys)
-    write_json_once(config_path, run_config)
+    if mesh_lib.is_main_process():
+      write_json_once(config_path, run_config)
 
     self.ckpt = ckpt_lib.Checkpointer(os.path.join(opts.run_dir, "checkpoints"), keep=opts.keep,
                                       save_every=save_every)
@@ -244,7 +265,9 @@ class Session:
   # Steps.
 
   def collate(self, examples: Sequence[batch_lib.TokenizedExample]) -> batch_lib.PreferenceBatch:
-    return batch_lib.collate(examples, *self.shapes, pad_id=self.pad_id)
+    """Returns the examples as a batch of global arrays sharded over the mesh's batch axes (every
+    process collates the same examples and fills its own devices' rows)."""
+    return mesh_lib.put_batch(batch_lib.collate(examples, *self.shapes, pad_id=self.pad_id), self.mesh)
 
   def step(self, examples: Sequence[batch_lib.TokenizedExample]) -> Optional[guard_lib.Decision]:
     """Dispatches one train step on `examples`; then reads the previous step's metrics (logs them)
@@ -287,13 +310,15 @@ class Session:
 
   @property
   def evaluator(self) -> evaluation.Evaluator:
+    """The held-out evaluator; its batches (any size) are replicated on every device."""
     if self._evaluator is None:
-      general = [self.collate(self._eval_general[i:i + self.opts.batch_size])
-                 for i in range(0, len(self._eval_general), self.opts.batch_size)]
-      pref = [self.collate(self._eval_preference[i:i + self.opts.batch_size])
-              for i in range(0, len(self._eval_preference), self.opts.batch_size)]
+      collate = lambda exs: mesh_lib.put_replicated(batch_lib.collate(exs, *self.shapes, pad_id=self.pad_id),
+                                                    self.mesh)
+      bs = self.opts.batch_size
+      general = [collate(self._eval_general[i:i + bs]) for i in range(0, len(self._eval_general), bs)]
+      pref = [collate(self._eval_preference[i:i + bs]) for i in range(0, len(self._eval_preference), bs)]
       if not general:  # no general data: perplexity on the held-out chosen responses
-        general = [self.collate([batch_lib.TokenizedExample(e.context, e.chosen) for e in self._eval_preference])]
+        general = [collate([batch_lib.TokenizedExample(e.context, e.chosen) for e in self._eval_preference])]
       self._evaluator = evaluation.Evaluator(self.base_params, self.model.config, general, pref)
     return self._evaluator
 
