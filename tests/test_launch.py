@@ -67,11 +67,13 @@ def test_run_end_to_end(tmp_path, monkeypatch):
       os.path.join(tb, os.listdir(tb)[0])) else tb)
   acc.Reload()
   tags = set(acc.Tags()["scalars"]) | set(acc.Tags().get("tensors", []))
-  for tag in ("loss", "rewards/accuracies", "train/lr", "grad_norm", "perf/tokens_per_s", "monitor/perplexity/ratio",
-              "monitor/drift/max", "grad/layer_0/norm"):
+  for tag in ("train/loss", "train/rewards/accuracies", "train/lr", "train/grad_norm", "train/tokens_per_s",
+              "train/step_time_s", "train/grad/layer_0/norm", "eval/perplexity/ratio", "eval/logps/chosen",
+              "monitor/drift/max", "monitor/residual_growth/max"):
     assert tag in tags, (tag, sorted(tags)[:40])
+  assert {t.split("/")[0] for t in tags} == {"train", "eval", "monitor"}, sorted(tags)
   # The summary's last loss is the one the step reported at step 7, as logged.
-  events = acc.Tensors("loss") if "loss" in acc.Tags().get("tensors", []) else acc.Scalars("loss")
+  events = acc.Tensors("train/loss") if "train/loss" in acc.Tags().get("tensors", []) else acc.Scalars("train/loss")
   last = events[-1]
   value = float(np.asarray(jax.numpy.asarray(last.tensor_proto.float_val[0] if hasattr(last, "tensor_proto")
                                              else last.value)))
