@@ -338,7 +338,12 @@ class _DreamProgress:
     if self.stop_requested():
       raise _Stopped()
     t0 = time.time()
-    out = scorer_lib.score_all(self.scorer, items)
+    try:
+      out = scorer_lib.score_all(self.scorer, items)
+    except scorer_lib.ScorerError:
+      if self.stop_requested():  # Ctrl-C in a terminal reaches an external grader too (its process group)
+        raise _Stopped() from None
+      raise
     self.scenarios += len({sc.id for sc, _ in items})
     now = time.time()
     self.progress(f"{self.what}: {self.scenarios}/{self.n_scenarios} scenarios dreamt ({len(items)} responses: "
