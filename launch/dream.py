@@ -6,7 +6,11 @@
     python -m launch.dream --flagfile dream1.flags
 
 A run folder that holds checkpoints is resumed at the first unfinished cycle unless --noresume
-(a thin main over dreamjax.dream.cycle).
+(a thin main over dreamjax.dream.cycle); flags not given take the values the folder's config.json
+records, so `python -m launch.dream --run_dir R` continues R. Ctrl-C (or SIGTERM) stops between
+two generation chunks (or completes the cycle's few training steps), saves, prints the command
+that resumes and exits 0; a second Ctrl-C ends the process at once. TRL's flag names
+(--learning_rate, --output_dir, ...) are aliases of the project's (see --helpfull).
 """
 
 import json
@@ -29,8 +33,9 @@ FLAGS = flags.FLAGS
 _ERRORS = (cycle.RunError, jsonl.DataError, ConfigError, ModelFileError, ckpt_lib.CheckpointError, ScorerError)
 
 
-def config_from_flags() -> cycle.CycleConfig:
-  return launch_flags.from_flags(cycle.CycleConfig)
+def say(message: str) -> None:
+  """Prints a progress line on stderr (where the progress bar is)."""
+  print(message, file=sys.stderr, flush=True)
 
 
 def _print_cycle(r: dict) -> None:
@@ -59,12 +64,23 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   try:
-    summary = cycle.run(config_from_flags(), on_cycle=_print_cycle)
+    cfg = launch_flags.announce_recorded(*launch_flags.resolve(cycle.CycleConfig), say)
+    summary = cycle.run(cfg, on_cycle=_print_cycle, progress=say)
   except _ERRORS as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except KeyboardInterrupt:  # Ctrl-C before the first cycle started: nothing to save
+    say("interrupted before the first cycle; nothing was trained")
+    sys.exit(130)
+  if summary.get("nothing_to_do"):
+    say(f"finished at cycle {summary['cycles_done']} (step {summary['step']}); nothing to do (summary: "
+        f"{summary['paths']['run_dir']}/summary.json)")
+    sys.exit(0)
   print(json.dumps({k: summary[k] for k in ("status", "cycles_done", "step", "kept", "kept_per_kind", "seconds",
                                              "paths")}, indent=1))
+  if summary["status"].startswith("preempted"):
+    say(f"stopped with {summary['cycles_done']} of {summary['cycles']} cycles done; to resume: "
+        f"{launch_flags.resume_command('launch.dream', cfg, cycle.CycleConfig)}")
   sys.exit(0 if summary["status"].startswith(("finished", "preempted")) else 3)
 
 

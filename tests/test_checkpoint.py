@@ -361,6 +361,43 @@ def test_bad_items_are_rejected_before_writing(small, tmp_path):
     assert ckpt.all_steps() == []
 
 
+def test_unfinished_saves_are_removed_on_open_and_never_restored(small, tmp_path):
+  """A process killed mid-save leaves `<step>.orbax-checkpoint-tmp*` (here and the base's beside
+  it): the next Checkpointer removes them before listing steps, and restores the committed step."""
+  state, config = small
+  directory = tmp_path / "checkpoints"
+  with ck.Checkpointer(directory, keep=3, save_every=1) as ckpt:
+    ckpt.save(1, _variant(state, 1), _position(1), config)
+  leftovers = [directory / "2.orbax-checkpoint-tmp-1733600000", directory / "3.orbax-checkpoint-tmp",
+               directory / "4-tmp", tmp_path / "base_model.orbax-checkpoint-tmp-17"]
+  for p in leftovers:
+    (p / ck.STATE).mkdir(parents=True)
+    (p / ck.STATE / "junk").write_text("half a write")
+  (tmp_path / "notes-tmp").mkdir()  # not a checkpoint's: left alone
+  ckpt = ck.Checkpointer(directory, keep=3, save_every=1)
+  assert not any(p.exists() for p in leftovers) and (tmp_path / "notes-tmp").exists()
+  assert ckpt.all_steps() == [1]
+  got, position, _, step = ckpt.restore(abstract_state=jax.eval_shape(lambda: state))
+  assert step == 1 and position == _position(1)
+  _assert_bitwise(got, _host(_variant(state, 1)))
+  ckpt.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_preemption_guard_first_signal_sets_the_flag_and_arms_the_default(sig):
+  """The first signal (SIGTERM or Ctrl-C) only sets the flag, also while finishing; it gives both
+  signals back their default action (a second one ends the process at once); exit restores them."""
+  before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  for finishing in (False, True):
+    with ck.PreemptionGuard() as guard:
+      if finishing:
+        guard.finishing()
+      os.kill(os.getpid(), sig)  # delivered to the main thread before the next bytecode
+      assert guard.requested and guard.should_stop(4)
+      assert signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
 def test_preemption_guard_sees_sigterm():
   before = signal.getsignal(signal.SIGTERM)
   with ck.PreemptionGuard() as guard:

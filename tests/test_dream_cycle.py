@@ -3,7 +3,9 @@
 import collections
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -114,6 +116,40 @@ def test_two_cycles_resume_and_redo_a_killed_cycle(tmp_path):
   for k in p2:
     np.testing.assert_array_equal(p2b[k], p2[k], err_msg=k)
 
+
+
+def test_ctrl_c_in_the_dream_stops_between_chunks_and_the_rerun_redoes_the_cycle(tmp_path):
+  """Progress per phase; a stop signal during the dream ends the round after the current chunk's
+  generation (written triplets kept); the rerun redoes the cycle, and a third run has nothing to do."""
+  run_dir = str(tmp_path / "run")
+  cfg = cycle.CycleConfig(run_dir=run_dir, cycles=1, **TINY)  # 4 scenarios, 2 per generate call
+  said = []
+
+  def ctrl_c_after_the_first_chunk(line):
+    said.append(line)
+    if "scenarios dreamt" in line:
+      os.kill(os.getpid(), signal.SIGINT)
+
+  s1 = cycle.run(cfg, progress=ctrl_c_after_the_first_chunk)
+  assert s1["status"].startswith("preempted in cycle 0's dream") and s1["cycles_done"] == 0 and s1["step"] == 0
+  assert said[:3] == ["reading the memories, templates and rules…", "loading qwen3-tiny…", f"setting up {run_dir}…"]
+  dreamt = [x for x in said if "dreamt" in x]
+  assert len(dreamt) == 1 and re.fullmatch(r"cycle 0 \(of 1\): 2/4 scenarios dreamt \(10 responses: generate "
+                                           r"[\d.]+ s, score [\d.]+ s\)", dreamt[0])
+  assert not any(d.isdigit() for d in os.listdir(os.path.join(run_dir, "checkpoints")))
+  path = os.path.join(run_dir, cycle.TRIPLETS)
+  written = lines(path) if os.path.exists(path) else []
+  said = []
+  s2 = cycle.run(cfg, progress=said.append)
+  assert s2["status"] == "finished" and s2["cycles_done"] == 1 and s2["step"] > 0
+  assert s2["per_cycle"][0]["skipped_existing"] == len(written)
+  phases = ["dreaming 4 scenarios", "scenarios dreamt", "training on the cycle's", "evaluating"]
+  at = [next(i for i, x in enumerate(said) if p in x) for p in phases]
+  assert at == sorted(at), said
+  before = open(os.path.join(run_dir, "summary.json")).read()
+  s3 = cycle.run(cfg)
+  assert s3["nothing_to_do"] and s3["cycles_done"] == 1 and s3["step"] == s2["step"]
+  assert open(os.path.join(run_dir, "summary.json")).read() == before
 
 
 def test_resume_with_changed_settings_is_refused(tmp_path):

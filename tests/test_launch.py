@@ -1,7 +1,10 @@
-"""The launcher: a run end to end, exact resume after SIGKILL, SIGTERM, and bad input."""
+"""The launcher: a run end to end, exact resume after SIGKILL, SIGTERM and Ctrl-C, resume from the
+run folder's recorded flags, TRL flag names, and bad input."""
 
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -12,10 +15,13 @@ import jax
 import numpy as np
 import optax
 import pytest
+from absl import flags
 from tensorboard.backend.event_processing import event_accumulator
 
 from dreamjax.data import builtin
+from dreamjax.dream import cycle
 from launch import convert
+from launch import flags as launch_flags
 from dreamjax.data import jsonl
 from dreamjax.data import tokenize as tok_lib
 from dreamjax.model import ConfigError, ModelConfig, hf, init_params
@@ -67,11 +73,13 @@ def test_run_end_to_end(tmp_path, monkeypatch):
       os.path.join(tb, os.listdir(tb)[0])) else tb)
   acc.Reload()
   tags = set(acc.Tags()["scalars"]) | set(acc.Tags().get("tensors", []))
-  for tag in ("loss", "rewards/accuracies", "train/lr", "grad_norm", "perf/tokens_per_s", "monitor/perplexity/ratio",
-              "monitor/drift/max", "grad/layer_0/norm"):
+  for tag in ("train/loss", "train/rewards/accuracies", "train/lr", "train/grad_norm", "train/tokens_per_s",
+              "train/step_time_s", "train/grad/layer_0/norm", "eval/perplexity/ratio", "eval/logps/chosen",
+              "monitor/drift/max", "monitor/residual_growth/max"):
     assert tag in tags, (tag, sorted(tags)[:40])
+  assert {t.split("/")[0] for t in tags} == {"train", "eval", "monitor"}, sorted(tags)
   # The summary's last loss is the one the step reported at step 7, as logged.
-  events = acc.Tensors("loss") if "loss" in acc.Tags().get("tensors", []) else acc.Scalars("loss")
+  events = acc.Tensors("train/loss") if "train/loss" in acc.Tags().get("tensors", []) else acc.Scalars("train/loss")
   last = events[-1]
   value = float(np.asarray(jax.numpy.asarray(last.tensor_proto.float_val[0] if hasattr(last, "tensor_proto")
                                              else last.value)))
@@ -120,19 +128,39 @@ def test_checkpoint_of_the_per_layer_layout_is_refused_by_name_and_converts(tmp_
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
 
 
-def test_sigkill_then_resume_is_bitwise_equal(tmp_path):
-  ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "killed")
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  """Returns the folder of an uninterrupted FAST run (in-process: the same XLA CPU program as the
+  subprocesses)."""
+  ref_dir = str(tmp_path_factory.mktemp("reference") / "ref")
   ref = loop.RunConfig(run_dir=ref_dir, max_steps=7, batch_size=4, eval_every=3, eval_examples=4, mesh="1,1",
                        max_context_len=64, max_response_len=48, save_every=7)
-  assert loop.run(ref)["status"] == "finished"  # in-process: same XLA CPU program as the subprocesses
-  proc = cli(*FAST, "--run_dir", run_dir, "--save_every", "1", wait=False)
-  ckpt_dir = os.path.join(run_dir, "checkpoints")
+  assert loop.run(ref)["status"] == "finished"
+  return ref_dir
+
+
+def assert_same_final_state(ref_dir, run_dir):
+  a, pos_a, step_a = final_state(ref_dir)
+  b, pos_b, step_b = final_state(run_dir)
+  assert step_a == step_b == 7 and pos_a == pos_b
+  for x, y in zip(jax.tree.leaves((a.params, a.opt_state)), jax.tree.leaves((b.params, b.opt_state))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def wait_for_checkpoint(proc, ckpt_dir, at_least):
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
-    if os.path.isdir(ckpt_dir) and any(d.isdigit() and int(d) >= 3 for d in os.listdir(ckpt_dir)):
-      break
+    if os.path.isdir(ckpt_dir) and any(d.isdigit() and int(d) >= at_least for d in os.listdir(ckpt_dir)):
+      return
     time.sleep(0.05)
-  assert proc.poll() is None, "the run ended before it could be killed"
+  assert proc.poll() is None, "the run ended before it could be interrupted"
+
+
+def test_sigkill_then_resume_is_bitwise_equal(tmp_path, reference_run):
+  run_dir = str(tmp_path / "killed")
+  proc = cli(*FAST, "--run_dir", run_dir, "--save_every", "1", wait=False)
+  ckpt_dir = os.path.join(run_dir, "checkpoints")
+  wait_for_checkpoint(proc, ckpt_dir, 3)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert proc.returncode == -signal.SIGKILL
@@ -140,13 +168,56 @@ def test_sigkill_then_resume_is_bitwise_equal(tmp_path):
   assert killed_at < 7
   resumed = cli(*FAST, "--run_dir", run_dir, "--save_every", "1")
   assert resumed.returncode == 0, resumed.stderr[-2000:]
-  a, pos_a, step_a = final_state(ref_dir)
-  b, pos_b, step_b = final_state(run_dir)
-  assert step_a == step_b == 7 and pos_a == pos_b
-  for x, y in zip(jax.tree.leaves((a.params, a.opt_state)), jax.tree.leaves((b.params, b.opt_state))):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert_same_final_state(reference_run, run_dir)
   lines = [json.loads(x) for x in open(os.path.join(run_dir, "monitor.jsonl"))]
   assert any(x["kind"] == "resume" for x in lines)
+
+
+def test_ctrl_c_saves_prints_the_resume_command_which_resumes_bitwise(tmp_path, reference_run):
+  run_dir = str(tmp_path / "interrupted")
+  proc = cli(*FAST, "--run_dir", run_dir, "--save_every", "1", wait=False)
+  wait_for_checkpoint(proc, os.path.join(run_dir, "checkpoints"), 2)
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-2000:]
+  # Progress from the first second: what is loaded and compiled, before the bar.
+  assert err.index("loading qwen3-tiny") < err.index("compiling the train step") < err.index("received SIGINT")
+  summary = json.load(open(os.path.join(run_dir, "summary.json")))
+  assert summary["status"] == f"preempted at step {summary['steps']}; saved" and summary["steps"] < 7
+  assert json.loads(out)["status"] == summary["status"]
+  (line,) = [x for x in err.splitlines() if "to resume: " in x]
+  command = shlex.split(line.split("to resume: ", 1)[1])
+  assert command == ["python", "-m", "launch.train", "--run_dir", run_dir]  # the folder records every other flag
+  resumed = cli(*command[3:])
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert f"resumed {run_dir} at step {summary['steps']} of 7" in resumed.stderr
+  assert_same_final_state(reference_run, run_dir)
+
+
+def test_a_second_ctrl_c_ends_at_once_and_the_rerun_resumes_from_the_last_committed_step(tmp_path):
+  run_dir = str(tmp_path / "run")
+  ckpt_dir = os.path.join(run_dir, "checkpoints")
+  err_path = tmp_path / "stderr.txt"
+  with open(err_path, "w") as err:
+    proc = subprocess.Popen([sys.executable, "-m", "launch.train", *FAST[:1], "400", *FAST[2:], "--run_dir", run_dir,
+                             "--save_every", "1"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                            stdout=subprocess.DEVNULL, stderr=err)
+  wait_for_checkpoint(proc, ckpt_dir, 2)
+  proc.send_signal(signal.SIGINT)
+  deadline = time.time() + 60
+  while "received SIGINT" not in err_path.read_text() and time.time() < deadline:
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGINT)  # while it finishes its step and saves (seconds, measured)
+  proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGINT, err_path.read_text()[-2000:]
+  newest = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  # A save cut short leaves Orbax's tmp folder (the kill may have left a real one too).
+  os.makedirs(os.path.join(ckpt_dir, f"{newest + 50}.orbax-checkpoint-tmp-1733600000", "state"))
+  resumed = cli("--run_dir", run_dir, "--max_steps", str(newest + 1))
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert f"resumed {run_dir} at step {newest} of {newest + 1}" in resumed.stderr
+  assert json.loads(resumed.stdout)["steps"] == newest + 1
+  assert not [d for d in os.listdir(ckpt_dir) if "tmp" in d]
 
 
 def test_sigterm_saves_and_exits_zero(tmp_path):
@@ -164,6 +235,103 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
   assert summary["status"].startswith("preempted") and 0 < summary["steps"] < 400
   steps = [int(d) for d in os.listdir(os.path.join(run_dir, "checkpoints")) if d.isdigit()]
   assert steps == [summary["steps"]]
+
+
+def test_a_signal_during_the_finish_lets_it_complete_and_a_rerun_does_nothing(tmp_path, monkeypatch):
+  run_dir = str(tmp_path / "run")
+  cfg = loop.RunConfig(run_dir=run_dir, max_steps=2, batch_size=4, eval_every=2, eval_examples=4, mesh="1,1",
+                       max_context_len=64, max_response_len=48, save_every=1)
+  close = session_lib.Session.close
+
+  def close_after_ctrl_c(self):
+    os.kill(os.getpid(), signal.SIGINT)  # after the last step: during the final save
+    close(self)
+
+  monkeypatch.setattr(session_lib.Session, "close", close_after_ctrl_c)
+  said = []
+  summary = loop.run(cfg, progress=said.append)
+  monkeypatch.undo()
+  assert summary["status"] == "finished" and summary["steps"] == 2 and summary["last_metrics"]
+  assert said[0] == "loading qwen3-tiny…" and "compiling the train step (first step)…" in said
+  path = os.path.join(run_dir, "summary.json")
+  before = open(path).read()
+  assert json.loads(before)["last_metrics"] == summary["last_metrics"]
+  said = []
+  again = loop.run(cfg, progress=said.append)
+  assert again["nothing_to_do"] and again["steps"] == 2 and again["last_metrics"] == summary["last_metrics"]
+  assert open(path).read() == before and not any("compiling" in x for x in said)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags: the run folder's recorded ones, TRL's names.
+
+
+def parse(config_cls, *argv):
+  """Returns fresh FlagValues holding config_cls's flags, parsed from argv (as a launcher's)."""
+  fv = flags.FlagValues()
+  launch_flags.define(config_cls, fv)
+  fv(["prog", *argv])
+  return fv
+
+
+def test_run_dir_alone_continues_with_the_recorded_flags(tmp_path):
+  run_dir = str(tmp_path / "run")
+  first = parse(loop.RunConfig, "--run_dir", run_dir, "--batch_size", "4", "--max_steps", "3", "--eval_examples", "4",
+                "--mesh", "1,1", "--max_context_len", "64", "--max_response_len", "48", "--eval_every", "3")
+  cfg, taken = launch_flags.resolve(loop.RunConfig, first)
+  assert taken == {} and loop.run(cfg)["steps"] == 3
+  fv = parse(loop.RunConfig, "--run_dir", run_dir, "--max_steps", "5")
+  cfg2, taken = launch_flags.resolve(loop.RunConfig, fv)
+  assert cfg2 == cfg.replace(max_steps=5, lr=options_lib.PRESET_LR)  # the record holds the lr it resolved
+  assert taken == {"batch_size": 4, "eval_examples": 4, "mesh": "1,1", "max_context_len": 64,
+                   "max_response_len": 48, "eval_every": 3, "lr": options_lib.PRESET_LR}
+  said = []
+  summary = loop.run(cfg2, progress=said.append)
+  assert f"resumed {run_dir} at step 3 of 5" in said and summary["steps"] == 5
+  assert launch_flags.resume_command("launch.train", cfg2, loop.RunConfig, fv) == (
+      f"python -m launch.train --run_dir {run_dir} --max_steps=5")
+  # A given flag wins, and one that changes a setting a resume must keep stays a clear error.
+  cfg3, _ = launch_flags.resolve(loop.RunConfig, parse(loop.RunConfig, "--run_dir", run_dir, "--batch_size", "8"))
+  with pytest.raises(loop.RunError, match=r"config.json: resume with a changed batch_size(.|\n)*saved 4, now 8"):
+    loop.run(cfg3)
+  # --noresume reads no record.
+  assert launch_flags.resolve(loop.RunConfig, parse(loop.RunConfig, "--run_dir", run_dir, "--noresume"))[1] == {}
+
+
+def test_a_bad_recorded_value_names_the_file_and_the_field(tmp_path):
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump({"batch_size": "four", "model_config": {"anything": 1}}, f)
+  with pytest.raises(options_lib.RunError, match=r"config.json: field 'batch_size' records 'four'.*--batch_size"):
+    launch_flags.resolve(loop.RunConfig, parse(loop.RunConfig, "--run_dir", str(tmp_path)))
+
+
+TRL = {"learning_rate": ("2e-05", "lr", 2e-5), "per_device_train_batch_size": ("16", "batch_size", 16),
+       "gradient_accumulation_steps": ("2", "grad_accum", 2), "lr_scheduler_type": ("cosine", "schedule", "cosine"),
+       "adam_beta1": ("0.8", "b1", 0.8), "adam_beta2": ("0.95", "b2", 0.95),
+       "save_total_limit": ("2", "keep", 2), "max_prompt_length": ("100", "max_context_len", 100),
+       "max_completion_length": ("50", "max_response_len", 50), "model_name_or_path": ("qwen3_5-tiny", "model",
+                                                                                       "qwen3_5-tiny")}
+TRL_TRAIN_ONLY = {"num_train_epochs": ("2", "epochs", 2), "save_steps": ("7", "save_every", 7),
+                  "eval_steps": ("5", "eval_every", 5)}
+
+
+@pytest.mark.parametrize("config_cls", [loop.RunConfig, cycle.CycleConfig])
+def test_trl_flag_names_are_aliases_listed_in_helpfull(config_cls, tmp_path):
+  table = dict(TRL, **(TRL_TRAIN_ONLY if config_cls is loop.RunConfig else {}))
+  out_dir = str(tmp_path / "out")
+  fv = parse(config_cls, *[f"--{k}={v}" for k, (v, _, _) in table.items()], f"--output_dir={out_dir}",
+             "--gradient_checkpointing")
+  cfg, _ = launch_flags.resolve(config_cls, fv)
+  assert {name: getattr(cfg, name) for _, name, _ in table.values()} == {name: v for _, name, v in table.values()}
+  assert cfg.run_dir == out_dir and cfg.remat
+  assert launch_flags.given(config_cls, fv) == {name for _, name, _ in table.values()} | {"run_dir", "remat"}
+  assert not parse(config_cls, "--nogradient_checkpointing").remat
+  helpfull = fv.get_help()
+  for alias in list(table) + ["output_dir", "gradient_checkpointing"]:
+    assert re.search(rf"--(\[no\])?{alias}: Alias for --", helpfull), alias
+  assert "GLOBAL batch" in helpfull  # per_device_train_batch_size: what it means here
+  if config_cls is cycle.CycleConfig:  # no such fields in the dream: no alias
+    assert not any(a in fv for a in TRL_TRAIN_ONLY)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -380,7 +380,9 @@ def test_logger_writes_tensorboard_scalars_read_back(tmp_path):
     logger.log(1, {"loss": jnp.float32(1.5), "rewards": {"margins": np.float32(0.25)}}, lr=1e-5, step_time=0.5,
                tokens=101)
     logger.log(2, {"loss": 1.25}, lr=2e-5)
-    logger.log(2, {"drift/layer_0": 0.03, "residual_growth": {"per_layer": jnp.array([1.1, 1.3, 0.9])}})
+    figures = {"perplexity/ratio": 1.5, "logps/chosen": -2.0, "drift/layer_0": 0.03,
+               "residual_growth": {"per_layer": jnp.array([1.1, 1.3, 0.9])}}
+    logger.log(2, evaluation.tb_sections(figures), prefix="")
     logger.progress(2, loss=1.25)
   acc = ea.EventAccumulator(str(tmp_path / "tb"), size_guidance={ea.TENSORS: 0})
   acc.Reload()
@@ -388,10 +390,11 @@ def test_logger_writes_tensorboard_scalars_read_back(tmp_path):
          for tag in acc.Tags()["tensors"]}
   f32 = lambda x: float(np.float32(x))
   assert got == {
-      "loss": [(1, 1.5), (2, 1.25)], "rewards/margins": [(1, 0.25)], "train/lr": [(1, f32(1e-5)), (2, f32(2e-5))],
-      "perf/step_time_s": [(1, 0.5)], "perf/tokens": [(1, 101.0)], "perf/tokens_per_s": [(1, 202.0)],
-      "drift/layer_0": [(2, f32(0.03))], "residual_growth/per_layer/0": [(2, f32(1.1))],
-      "residual_growth/per_layer/1": [(2, f32(1.3))], "residual_growth/per_layer/2": [(2, f32(0.9))]}
+      "train/loss": [(1, 1.5), (2, 1.25)], "train/rewards/margins": [(1, 0.25)],
+      "train/lr": [(1, f32(1e-5)), (2, f32(2e-5))], "train/step_time_s": [(1, 0.5)], "train/tokens": [(1, 101.0)],
+      "train/tokens_per_s": [(1, 202.0)], "eval/perplexity/ratio": [(2, 1.5)], "eval/logps/chosen": [(2, -2.0)],
+      "monitor/drift/layer_0": [(2, f32(0.03))], "monitor/residual_growth/per_layer/0": [(2, f32(1.1))],
+      "monitor/residual_growth/per_layer/1": [(2, f32(1.3))], "monitor/residual_growth/per_layer/2": [(2, f32(0.9))]}
   assert "2/13" in stream.getvalue()
   with pytest.raises(ValueError, match="'bad/name'"):
     log_lib.flatten_metrics({"bad": {"name": "text"}})

@@ -55,6 +55,7 @@ from dreamjax.dream import scenario as scenario_lib
 from dreamjax.dream import scorer as scorer_lib
 from dreamjax.dream import walk as walk_lib
 from dreamjax.train import checkpoint as ckpt_lib
+from dreamjax.train import loop as train_loop
 from dreamjax.train import options as options_lib
 from dreamjax.train import session as session_lib
 from dreamjax.train.options import option
@@ -306,17 +307,70 @@ def chat_format_for(tokenizer):
   return scenario_lib.render_chatml
 
 
-def run(cfg: CycleConfig, on_cycle: Optional[Callable[[dict], None]] = None) -> dict:
+class _Stopped(Exception):
+  """Internal: a stop signal arrived during a dream round; the round ends between two chunks."""
+
+
+class _DreamProgress:
+  """The scorer of a dream round, wrapped to report and to stop between chunks.
+
+  `dream_round` generates the answers of a chunk of scenarios, then scores them in one call: each
+  call reports the chunk (generation and scoring seconds, scenarios done) through `progress`, and,
+  once a stop signal arrived, stops the round before scoring (`_Stopped`; the triplets already
+  written stay, and the rerun redoes the round, skipping them).
+  """
+
+  def __init__(self, scorer, what: str, n_scenarios: int, progress: Callable[[str], None],
+               stop_requested: Callable[[], bool]):
+    self.scorer, self.what, self.n_scenarios = scorer, what, n_scenarios
+    self.progress, self.stop_requested = progress, stop_requested
+    self.scenarios = 0
+    self._t_last = time.time()
+
+  def score_batch(self, items):
+    if self.stop_requested():
+      raise _Stopped()
+    t0 = time.time()
+    try:
+      out = scorer_lib.score_all(self.scorer, items)
+    except scorer_lib.ScorerError:
+      if self.stop_requested():  # Ctrl-C in a terminal reaches an external grader too (its process group)
+        raise _Stopped() from None
+      raise
+    self.scenarios += len({sc.id for sc, _ in items})
+    now = time.time()
+    self.progress(f"{self.what}: {self.scenarios}/{self.n_scenarios} scenarios dreamt ({len(items)} responses: "
+                  f"generate {t0 - self._t_last:.1f} s, score {now - t0:.1f} s)")
+    self._t_last = now
+    return out
+
+
+def _quiet(message: str) -> None:
+  del message
+
+
+def run(cfg: CycleConfig, on_cycle: Optional[Callable[[dict], None]] = None,
+        progress: Callable[[str], None] = _quiet) -> dict:
   """Runs the remaining cycles; returns the summary (also RUN/summary.json). Raises RunError on bad input.
 
   on_cycle: called with each finished cycle's record (the RUN/cycles.jsonl line).
+  progress: called with a line about each phase as it starts or goes (loading, each cycle's
+    generate/score chunks, training, evaluation); quiet by default (the launcher prints them).
+
+  A run whose cycles are all done returns the summary.json written when it finished (not
+  rewritten), marked `nothing_to_do`. SIGTERM or SIGINT (Ctrl-C) during a cycle's dream stops the
+  dream between two chunks (the cycle is redone on resume, its written triplets skipped); during
+  its training, the cycle completes and is saved. Either way the run returns with status
+  "preempted ..."; a signal during the finish lets it complete (`checkpoint.PreemptionGuard`).
   """
   validate(cfg)
   session_lib.prepare_run_dir(cfg.run_dir)
   if jax.process_count() > 1:
     raise RunError(f"launch.dream runs in one process (this is one of {jax.process_count()}): every process would "
                    "write the same triplets file; spread one process over the host's devices with --mesh instead")
+  progress("reading the memories, templates and rules…")
   graph, templates, scorer = load_dream_inputs(cfg)
+  progress(f"loading {cfg.model}…")
   mesh = session_lib.make_mesh(cfg)
   model = session_lib.load_model(cfg, mesh)
   config, tokenizer = model.config, model.tokenizer
@@ -328,6 +382,7 @@ def run(cfg: CycleConfig, on_cycle: Optional[Callable[[dict], None]] = None) -> 
   lr = options_lib.learning_rate(cfg, model.is_preset)
   run_config = dict(cfg.to_json(), lr=lr, model_config=config.architecture(), context_len=c_len, response_len=r_len)
   eval_p = [tok_lib.encode_preference(e, tokenizer, c_len, r_len, "truncate") for e in eval_prefs]
+  progress(f"setting up {cfg.run_dir}…")
   s = session_lib.Session(cfg, model, run_config=run_config, resume_keys=RESUME_KEYS, total_steps=max_steps,
                           shapes=(c_len, r_len), eval_general=eval_general, eval_preference=eval_p, save_every=1,
                           mesh=mesh)
@@ -336,6 +391,12 @@ def run(cfg: CycleConfig, on_cycle: Optional[Callable[[dict], None]] = None) -> 
     position.update({k: int(v) for k, v in s.position.items() if k in position})
     logging.info("resumed %s at cycle %d (step %d)", cfg.run_dir, position["cycle"], s.start)
   start_cycle = position["cycle"]
+  summary_path = os.path.join(cfg.run_dir, "summary.json")
+  if start_cycle >= cfg.cycles:  # finished before: keep its summary
+    s.close()
+    return _nothing_to_do(s, summary_path, start_cycle)
+  if s.position is not None:
+    progress(f"resumed {cfg.run_dir} at cycle {start_cycle} of {cfg.cycles} (step {s.start})")
 
   if scorer is None:  # the model judge
     scorer = scorer_lib.ModelJudgeScorer(s.base_params if cfg.judge == "base" else s.state.params, config, tokenizer,
@@ -355,6 +416,7 @@ def run(cfg: CycleConfig, on_cycle: Optional[Callable[[dict], None]] = None) -> 
 
   status, records = "finished", []
   t_run = time.time()
+  compiled = False  # whether this session has run a train step (the first compiles it)
   with ckpt_lib.PreemptionGuard() as preempt:
     for k in range(start_cycle, cfg.cycles):
       t0 = time.time()
@@ -365,10 +427,19 @@ def run(cfg: CycleConfig, on_cycle: Optional[Callable[[dict], None]] = None) -> 
       seed_p = consolidation.seed_weights(ages)
       if isinstance(scorer, scorer_lib.ModelJudgeScorer) and cfg.judge == "current":
         scorer.params = s.state.params
-      dstats = round_lib.dream_round(s.state.params, config, tokenizer, graph, templates, scorer,
-                                     n_scenarios=cfg.scenarios, seed=seed_k, out_path=triplets_path,
-                                     model_step=model_step, dream=dream_cfg, chat_format=chat_format,
-                                     seed_weights=seed_p, exclude_node_sets=held_out_node_sets)
+      what = f"cycle {k} (of {cfg.cycles})"
+      progress(f"{what}: dreaming {cfg.scenarios} scenarios (generate, score, pair"
+               f"{'; the first generation compiles' if k == start_cycle else ''})…")
+      try:
+        dstats = round_lib.dream_round(
+            s.state.params, config, tokenizer, graph, templates,
+            _DreamProgress(scorer, what, cfg.scenarios, progress, lambda: preempt.requested),
+            n_scenarios=cfg.scenarios, seed=seed_k, out_path=triplets_path, model_step=model_step, dream=dream_cfg,
+            chat_format=chat_format, seed_weights=seed_p, exclude_node_sets=held_out_node_sets)
+      except _Stopped:
+        status = (f"preempted in cycle {k}'s dream ({k} cycle(s) done and saved, step {s.step_count}); a rerun "
+                  f"redoes cycle {k}, keeping the triplets it wrote")
+        break
       t_dream = time.time() - t0
       stats = tok_lib.TokenStats()
       prefs = [tok_lib.encode_preference(e, tokenizer, c_len, r_len, "truncate", stats)
@@ -376,6 +447,11 @@ def run(cfg: CycleConfig, on_cycle: Optional[Callable[[dict], None]] = None) -> 
       prefs = [e for e in prefs if e is not None]
       decision = None
       if prefs:
+        n_steps = -(-len(prefs) // n_pref)
+        n_steps = min(n_steps, cfg.steps_per_cycle) if cfg.steps_per_cycle else n_steps
+        progress(f"{what}: kept {dstats.kept} new pairs {dstats.kept_per_kind}; training on the cycle's {len(prefs)} "
+                 f"triplets, {n_steps} step(s){'; the first step compiles' if not compiled else ''}…")
+        compiled = True
         mixer = cycle_mixer(prefs, general, cfg, k, position)
         for mb in itertools.islice(mixer, cfg.steps_per_cycle or None):
           decision = s.step(mb.preference + mb.general)
@@ -387,6 +463,7 @@ def run(cfg: CycleConfig, on_cycle: Optional[Callable[[dict], None]] = None) -> 
         logging.warning("cycle %d: no triplets kept (scenarios %d, dropped by margin %d, no pair %d); no training "
                         "this cycle", k, dstats.scenarios, dstats.dropped_margin, dstats.dropped_no_pair)
       if decision is None or decision.action != "abort":
+        progress(f"{what}: evaluating (held-out perplexity, drift, scenarios)…")
         decision = s.evaluate()
       step = s.step_count
       losses = [loss for st, loss in s.losses if st > model_step]
@@ -415,27 +492,39 @@ def run(cfg: CycleConfig, on_cycle: Optional[Callable[[dict], None]] = None) -> 
       records.append(record)
       if on_cycle is not None:
         on_cycle(record)
-      if preempt.requested:
+      if preempt.requested and k + 1 < cfg.cycles:
         status = f"preempted after cycle {k}; saved"
         break
-  s.close()
-  kinds = collections.Counter()
-  for r in records:
-    kinds.update(r["dream"]["kept_per_kind"])
-  summary = {
-      "status": status, "cycles_done": position["cycle"], "cycles": cfg.cycles, "start_cycle": start_cycle,
-      "step": s.step_count, "seconds": round(time.time() - t_run, 2), "model": cfg.model, "lr": lr,
-      "kept": sum(r["dream"]["kept"] for r in records), "kept_per_kind": dict(kinds),
-      "per_cycle": [{"cycle": r["cycle"], "scenarios": r["dream"]["scenarios"], "kept": r["dream"]["kept"],
-                     "kept_per_kind": r["dream"]["kept_per_kind"], "skipped_existing": r["dream"]["skipped_existing"],
-                     "steps": r["steps"], "model_step": r["model_step"], "loss_first": r["loss_first"],
-                     "loss_last": r["loss_last"], "perplexity_ratio": r["monitor"].get("perplexity/ratio"),
-                     "held_out_margin": _margin(r["monitor"]), "consolidation": r["consolidation"],
-                     "coverage": r["dream"]["coverage"].get("node_fraction"), "seconds": r["seconds"]}
-                    for r in records],
-      "last_monitor": {key: v for key, v in s.last_figures.items() if "/layer_" not in key},
-      "paths": dict(s.paths(), triplets=os.path.abspath(triplets_path), cycles=os.path.abspath(cycles_path)),
-  }
-  with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1, default=float)
+    preempt.finishing()  # from here a first signal lets the final save and the summary complete
+    s.close()
+    kinds = collections.Counter()
+    for r in records:
+      kinds.update(r["dream"]["kept_per_kind"])
+    summary = {
+        "status": status, "cycles_done": position["cycle"], "cycles": cfg.cycles, "start_cycle": start_cycle,
+        "step": s.step_count, "seconds": round(time.time() - t_run, 2), "model": cfg.model, "lr": lr,
+        "kept": sum(r["dream"]["kept"] for r in records), "kept_per_kind": dict(kinds),
+        "per_cycle": [{"cycle": r["cycle"], "scenarios": r["dream"]["scenarios"], "kept": r["dream"]["kept"],
+                       "kept_per_kind": r["dream"]["kept_per_kind"], "skipped_existing": r["dream"]["skipped_existing"],
+                       "steps": r["steps"], "model_step": r["model_step"], "loss_first": r["loss_first"],
+                       "loss_last": r["loss_last"], "perplexity_ratio": r["monitor"].get("perplexity/ratio"),
+                       "held_out_margin": _margin(r["monitor"]), "consolidation": r["consolidation"],
+                       "coverage": r["dream"]["coverage"].get("node_fraction"), "seconds": r["seconds"]}
+                      for r in records],
+        "last_monitor": {key: v for key, v in s.last_figures.items() if "/layer_" not in key},
+        "paths": dict(s.paths(), triplets=os.path.abspath(triplets_path), cycles=os.path.abspath(cycles_path)),
+    }
+    if records or not os.path.exists(summary_path):  # a session that finished no cycle keeps the old summary
+      train_loop.write_summary(summary_path, summary)
   return summary
+
+
+def _nothing_to_do(s: session_lib.Session, summary_path: str, cycles_done: int) -> dict:
+  """Returns the summary of a run whose cycles were all done (not rewritten), marked nothing_to_do."""
+  if os.path.exists(summary_path):
+    with open(summary_path) as f:
+      summary = json.load(f)
+  else:  # finished, but killed before its summary was written
+    summary = {"status": "finished", "cycles_done": cycles_done, "step": s.start, "seconds": 0.0, "kept": 0,
+               "kept_per_kind": {}, "paths": s.paths()}
+  return dict(summary, nothing_to_do=True, cycles_done=cycles_done, step=s.start)

@@ -69,6 +69,12 @@ class ResumeConfigError(ValueError):
   """The run config of a resumed run differs from the checkpoint's on a field that must match."""
 
 
+def is_unfinished(name: str) -> bool:
+  """Whether a folder name is an unfinished save's (Orbax's `<name>.orbax-checkpoint-tmp-<time>`,
+  or another `*-tmp` / `*.tmp` writer's), never a checkpoint."""
+  return _TMP_SUFFIX in name or bool(re.search(r"[-.]tmp(-\d+)?$", name))
+
+
 class _Unreadable(Exception):
   """Internal: one step cannot be read (corrupt, partial or uncommitted)."""
 
@@ -177,10 +183,10 @@ class Checkpointer:
       self.directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
       raise CheckpointError(f"checkpoint directory {self.directory} cannot be created: {_short(e)}") from e
-    self._warn_unfinished()
+    self._remove_unfinished()
     self._manager = self._make_manager()
 
-  def _make_manager(self, cleanup: bool = True) -> ocp.CheckpointManager:
+  def _make_manager(self) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         save_decision_policy=_policies.AnySavePolicy(
             [_policies.FixedIntervalPolicy(self.save_every), _policies.PreemptionCheckpointingPolicy()]
@@ -189,17 +195,35 @@ class Checkpointer:
             [_policies.LatestN(self.keep), _NewestGood(self._good)]
         ),
         enable_async_checkpointing=self.async_save,
-        cleanup_tmp_directories=cleanup,  # an interrupted save's tmp folder is never a checkpoint
+        # Not Orbax's cleanup: it runs in the background, racing the first listing and save;
+        # `_remove_unfinished` has done it, before the manager lists the steps.
+        cleanup_tmp_directories=False,
     )
     handlers = {STATE: ocp.StandardCheckpointHandler(), DATA: ocp.JsonCheckpointHandler(),
                 CONFIG: ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
-  def _warn_unfinished(self) -> None:
-    unfinished = sorted(p.name for p in self.directory.iterdir() if _TMP_SUFFIX in p.name)
-    if unfinished:
-      logging.warning("checkpoints in %s: removing unfinished save(s) %s (interrupted or failed writes)",
-                      self.directory, unfinished)
+  def _remove_unfinished(self) -> None:
+    """Deletes the folders of saves that never finished (a process killed mid-save leaves Orbax's
+    `<step>.orbax-checkpoint-tmp-<time>`), here and the base model's beside it, before anything
+    lists the steps: such a folder is never a checkpoint, and left there it would confuse a resume
+    or a reader of the folder. Committed steps are never touched."""
+    if jax.process_index() == 0:
+      places = [(self.directory, lambda name: True)]
+      if self.base_dir.parent.exists():
+        places.append((self.base_dir.parent, lambda name: name.startswith(BASE_DIR)))
+      for folder, ours in places:
+        for p in sorted(folder.iterdir()):
+          if ours(p.name) and is_unfinished(p.name):
+            logging.warning("checkpoints: removing unfinished save %s (an interrupted or failed write)", p)
+            if p.is_dir():
+              p.rmtree()
+            else:
+              p.unlink()
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+      multihost_utils.sync_global_devices(f"checkpoint cleanup {self.directory}")
 
   # -------------------------------------------------------------------------------------------
   # Steps.
@@ -265,7 +289,7 @@ class Checkpointer:
       pass  # the same error again: it is reported below
     # No tmp cleanup now: the failed save's sibling writes may still be running (Orbax stops waiting
     # at the first error) and would race the rmtree. The next Checkpointer start removes it.
-    self._manager = self._make_manager(cleanup=False)
+    self._manager = self._make_manager()
     intact = self.latest_step()
     left = "no checkpoint before it" if intact is None else f"the newest intact checkpoint is step {intact}"
     raise CheckpointSaveError(
@@ -488,17 +512,31 @@ def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any],
 
 
 class PreemptionGuard:
-  """Turns SIGTERM into a flag that the loop checks after each step (then saves and exits 0).
+  """Turns SIGTERM and SIGINT (Ctrl-C) into a flag that the loop checks after each step (then it
+  saves and exits 0); a second signal ends the process at once.
 
-  Use as a context manager around the loop: `if guard.should_stop(step): save(force=True); break`.
-  In a multi-process run no handler is installed: JAX's preemption service (started by
-  `jax.distributed.initialize`) catches SIGTERM and `should_stop` asks it for the step all
-  processes agree to stop at, so every host saves the same step.
+  Use as a context manager around the loop and the run's finish (final save, summary):
+
+      with PreemptionGuard() as guard:
+        for ...:
+          ...
+          if guard.should_stop(step): save(force=True); break
+        guard.finishing()       # a first signal from here on lets the finish complete
+        close(); write_summary()
+
+  The first signal only sets the flag (the current step, or the finish, completes); it also gives
+  the signals back their default action, so a second one (Ctrl-C twice) kills the process at
+  once, even inside a long XLA call. A kill never corrupts a committed checkpoint step: Orbax
+  writes a step to a `*.orbax-checkpoint-tmp-*` folder and renames it when complete, and the next
+  `Checkpointer` removes such leftovers. In a multi-process run no handler is installed: JAX's
+  preemption service (started by `jax.distributed.initialize`) catches SIGTERM and `should_stop`
+  asks it for the step all processes agree to stop at, so every host saves the same step.
   """
 
-  def __init__(self, signals: Sequence[int] = (signal.SIGTERM,)):
+  def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)):
     self.signals = tuple(signals)
     self._received: Optional[int] = None
+    self._finishing = False
     self._previous: dict[int, Any] = {}
 
   def __enter__(self) -> "PreemptionGuard":
@@ -517,10 +555,22 @@ class PreemptionGuard:
 
   def _handle(self, signum, frame) -> None:
     del frame
+    for sig in self.signals:  # the next signal takes the default action: the process ends at once
+      signal.signal(sig, signal.SIG_DFL)
     if self._received is None:
-      logging.warning("received %s: finishing the current step, then saving and exiting",
-                      signal.Signals(signum).name)
+      name = signal.Signals(signum).name
+      again = "Ctrl-C" if signum == signal.SIGINT else name
+      if self._finishing:
+        logging.warning("received %s while finishing: completing the final save and summary (%s again ends the "
+                        "process at once)", name, again)
+      else:
+        logging.warning("received %s: finishing the current step, then saving and exiting (%s again ends the "
+                        "process at once; the newest saved checkpoint stays intact)", name, again)
     self._received = signum
+
+  def finishing(self) -> None:
+    """Marks the start of the run's finish: a first signal from now on only lets it complete."""
+    self._finishing = True
 
   @property
   def requested(self) -> bool:

@@ -5,6 +5,8 @@ residual growth) for the logger and the guard:
   perplexity, perplexity/base, perplexity/ratio        held-out general text
   logps/chosen, logps/rejected                         held-out preference pairs, mean per token
   drift/..., residual_growth/...                       see dreamjax.train.diagnostics
+
+In TensorBoard (`tb_sections`) the first two lines are eval/..., the drift and growth monitor/....
 """
 
 from __future__ import annotations
@@ -100,6 +102,17 @@ _preference_logps_jit = jax.jit(preference_logps, static_argnames=("config",))
 
 # ---------------------------------------------------------------------------------------------
 # All figures of one eval.
+
+EVAL_FIGURES = ("perplexity", "logps/")  # held-out evaluation; the other figures monitor the weights
+
+
+def tb_sections(figures: Figures) -> dict[str, Figures]:
+  """Returns {'eval': held-out perplexity and log-probs, 'monitor': drift, residual growth, ...}:
+  an eval's figures as the logger's TensorBoard sections."""
+  out: dict[str, Figures] = {"eval": {}, "monitor": {}}
+  for k, v in figures.items():
+    out["eval" if k.startswith(EVAL_FIGURES) else "monitor"][k] = v
+  return out
 
 
 class Evaluator:

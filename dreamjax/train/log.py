@@ -1,9 +1,15 @@
 """TensorBoard scalars (process 0 only, TF-free writer) and a console progress bar with ETA.
 
-Tags are the metric names, nested dicts joined with '/': the objective's metrics as they come
-(`loss`, `rewards/margins`, `logps/chosen`, ...), `train/lr`, `perf/step_time_s`,
-`perf/tokens_per_s`, and monitor figures under their own names (`drift/layer_0`,
-`residual_growth/max`, ...). Events go to RUN/tb/.
+Tags sit under three prefixes (nested dict keys joined with '/'):
+
+  train/...    each step: the objective's metrics as they come (train/loss, train/rewards/margins,
+               train/logps/chosen, train/grad_norm, train/grad/layer_0/norm, ...), train/lr,
+               train/step_time_s, train/tokens, train/tokens_per_s
+  eval/...     held-out evaluation: eval/perplexity, eval/perplexity/ratio, eval/logps/chosen, ...
+  monitor/...  what the guard watches besides: monitor/drift/..., monitor/residual_growth/...
+
+(`dreamjax.train.evaluation.tb_sections` splits an eval's figures into eval/ and monitor/.)
+Events go to RUN/tb/.
 """
 
 from __future__ import annotations
@@ -131,8 +137,8 @@ class Logger:
 
   Usage:
     with Logger(run_dir, total_steps) as log:
-      log.log(step, metrics, lr=lr, step_time=dt, tokens=n)   # any nested dict of scalars
-      log.log(step, monitor_figures)
+      log.log(step, metrics, lr=lr, step_time=dt, tokens=n)   # train/...: any nested dict of scalars
+      log.log(step, evaluation.tb_sections(figures), prefix="")  # eval/... and monitor/...
       log.progress(step, loss=metrics['loss'])
   """
 
@@ -153,15 +159,16 @@ class Logger:
       self._bar = ProgressBar(total_steps, stream=stream, tty=tty, line_every_s=line_every_s, clock=clock)
 
   def log(self, step: int, metrics: Optional[Mapping[str, Any]] = None, *, lr=None, step_time: Optional[float] = None,
-          tokens=None, prefix: str = "") -> dict[str, float]:
+          tokens=None, prefix: str = "train") -> dict[str, float]:
     """Writes the scalars of one step; returns them as {tag: value} (empty off the main process).
 
     Args:
       metrics: nested dict of scalars (or 1-D arrays, one tag per entry); device arrays are fine.
       lr: learning rate -> train/lr.
-      step_time: seconds of this step -> perf/step_time_s (and perf/tokens_per_s with tokens).
-      tokens: tokens processed this step -> perf/tokens.
-      prefix: prepended to every metric tag (not to train/lr, perf/*).
+      step_time: seconds of this step -> train/step_time_s (and train/tokens_per_s with tokens).
+      tokens: tokens processed this step -> train/tokens.
+      prefix: prepended to every metric tag (default 'train'; '' for none). lr, step_time and
+        tokens always go under train/.
     """
     if not self.is_main_process:
       return {}
@@ -171,11 +178,11 @@ class Logger:
     if lr is not None:
       scalars["train/lr"] = float(np.asarray(jax.device_get(lr)))
     if tokens is not None:
-      scalars["perf/tokens"] = float(np.asarray(jax.device_get(tokens)))
+      scalars["train/tokens"] = float(np.asarray(jax.device_get(tokens)))
     if step_time is not None:
-      scalars["perf/step_time_s"] = float(step_time)
+      scalars["train/step_time_s"] = float(step_time)
       if tokens is not None and step_time > 0:
-        scalars["perf/tokens_per_s"] = scalars["perf/tokens"] / float(step_time)
+        scalars["train/tokens_per_s"] = scalars["train/tokens"] / float(step_time)
     for tag, value in scalars.items():
       self._writer.add_scalar(tag, value, int(step))
     if self.clock() - self._last_flush >= self.flush_every_s:

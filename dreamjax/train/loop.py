@@ -13,7 +13,8 @@ tested. The run folder (design.md):
 
 Exact resume: the train state, the mixer position and the step are restored from the newest
 readable checkpoint, so a run killed at any step and resumed reaches bitwise the parameters of
-the uninterrupted run (CPU). SIGTERM finishes the step, saves and exits 0.
+the uninterrupted run (CPU). SIGTERM or SIGINT (Ctrl-C) finishes the step, saves and exits 0;
+a second one ends the process at once, leaving the newest committed checkpoint intact.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import dataclasses
 import json
 import os
 import time
+from typing import Callable
 
 from absl import logging
 import numpy as np
@@ -114,12 +116,28 @@ def shapes(examples, cfg: RunConfig) -> tuple[int, int]:
 # The run.
 
 
-def run(cfg: RunConfig) -> dict:
-  """Trains; returns the summary (also written to RUN/summary.json). Raises RunError on bad input."""
+def _quiet(message: str) -> None:
+  del message
+
+
+def run(cfg: RunConfig, progress: Callable[[str], None] = _quiet) -> dict:
+  """Trains; returns the summary (also written to RUN/summary.json). Raises RunError on bad input.
+
+  progress: called with a line about each slow stage before the first step (loading the model
+  and the data, compiling the step); quiet by default (the launcher prints them).
+
+  A run whose checkpoint is already at its last step does nothing: it returns the summary.json
+  written when it finished (or, without one, a short summary it does not write), marked
+  `nothing_to_do`. SIGTERM or SIGINT (Ctrl-C) finishes the current step, saves and returns with
+  status "preempted at step N; saved"; a signal during the finish (after the last step) lets
+  the finish complete (`checkpoint.PreemptionGuard`).
+  """
   validate(cfg)
   session_lib.prepare_run_dir(cfg.run_dir)
   mesh = session_lib.make_mesh(cfg)
+  progress(f"loading {cfg.model}…")
   model = session_lib.load_model(cfg, mesh)
+  progress("reading and tokenizing the data…")
   prefs, general, eval_pref, eval_general, tstats, bad = load_data(cfg, model.tokenizer, cfg.run_dir)
   if tstats.context_truncated or tstats.response_truncated or tstats.dropped_overlong:
     logging.warning("over-long examples: %s (--max_context_len %d, --max_response_len %d, --overlong %s)",
@@ -137,15 +155,23 @@ def run(cfg: RunConfig) -> dict:
   lr = options_lib.learning_rate(cfg, model.is_preset)
   run_config = dict(cfg.to_json(), lr=lr, model_config=model.config.architecture(), context_len=c_len,
                     response_len=r_len, total_steps=total_steps)
+  progress(f"data: {len(prefs)} preference + {len(general)} general examples ({len(eval_pref)} + "
+           f"{len(eval_general)} held out); {total_steps} steps of {cfg.batch_size}; setting up {cfg.run_dir}…")
   s = session_lib.Session(cfg, model, run_config=run_config, resume_keys=RESUME_KEYS, total_steps=total_steps,
                           shapes=(c_len, r_len), eval_general=eval_general, eval_preference=eval_pref,
                           save_every=cfg.save_every, grad_log_every=cfg.eval_every, mesh=mesh)
+  summary_path = os.path.join(cfg.run_dir, "summary.json")
+  if s.start >= total_steps:  # finished before: keep its summary
+    s.close()
+    return _nothing_to_do(s, summary_path)
   if s.position is not None:
     mixer.position = mix.MixerPosition.from_dict(s.position)
+    progress(f"resumed {cfg.run_dir} at step {s.start} of {total_steps}")
 
   status, start = "finished", s.start
   t_run = time.time()
   with ckpt_lib.PreemptionGuard() as preempt:
+    progress("compiling the train step (first step)…")
     while s.step_count < total_steps:
       mb = next(mixer, None)
       if mb is None:
@@ -161,28 +187,42 @@ def run(cfg: RunConfig) -> dict:
         status = s.rollback(f"aborted at step {step}", decision)
         break
       s.save(mixer.position.to_dict(), force=step == total_steps)
-      if preempt.should_stop(step):
+      if step < total_steps and preempt.should_stop(step):
         s.save(mixer.position.to_dict(), force=True)
         status = f"preempted at step {step}; saved"
         break
-  s.close()
-  step = s.step_count
-  summary_path = os.path.join(cfg.run_dir, "summary.json")
-  main = mesh_lib.is_main_process()  # every process trains; process 0 writes the run's files
-  if step == start and os.path.exists(summary_path):  # nothing left to do: keep the run's summary
-    with open(summary_path) as f:
-      return json.load(f)
-  summary = {
-      "status": status, "steps": step, "total_steps": total_steps, "seconds": round(time.time() - t_run, 2),
-      "model": cfg.model, "lr": lr, "context_len": c_len, "response_len": r_len,
-      "train_examples": {"preference": len(prefs), "general": len(general)},
-      "held_out": {"preference": len(eval_pref), "general": len(eval_general)},
-      "tokenization": tstats.as_dict(), "bad_lines": bad.count,
-      "last_metrics": s.last_metrics,
-      "last_monitor": s.last_figures and {k: v for k, v in s.last_figures.items() if "/layer_" not in k},
-      "paths": s.paths(),
-  }
-  if main:
-    with open(summary_path, "w") as f:
-      json.dump(summary, f, indent=1, default=float)
+    preempt.finishing()  # from here a first signal lets the final save and the summary complete
+    s.close()
+    step = s.step_count
+    summary = {
+        "status": status, "steps": step, "total_steps": total_steps, "seconds": round(time.time() - t_run, 2),
+        "model": cfg.model, "lr": lr, "context_len": c_len, "response_len": r_len,
+        "train_examples": {"preference": len(prefs), "general": len(general)},
+        "held_out": {"preference": len(eval_pref), "general": len(eval_general)},
+        "tokenization": tstats.as_dict(), "bad_lines": bad.count,
+        "last_metrics": s.last_metrics,
+        "last_monitor": s.last_figures and {k: v for k, v in s.last_figures.items() if "/layer_" not in k},
+        "paths": s.paths(),
+    }
+    if step > start and mesh_lib.is_main_process():  # process 0 writes the run's files; a session that
+      write_summary(summary_path, summary)  # trained no step (its data ran out) leaves the summary as it was
   return summary
+
+
+def write_summary(path: str, summary: dict) -> None:
+  """Writes RUN/summary.json atomically: a process killed while writing leaves the previous one."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(summary, f, indent=1, default=float)
+  os.replace(tmp, path)
+
+
+def _nothing_to_do(s: session_lib.Session, summary_path: str) -> dict:
+  """Returns the summary of a run that had already finished (not rewritten), marked nothing_to_do."""
+  if os.path.exists(summary_path):
+    with open(summary_path) as f:
+      summary = json.load(f)
+  else:  # finished, but killed before its summary was written
+    summary = {"status": "finished", "steps": s.start, "total_steps": s.total_steps, "seconds": 0.0,
+               "last_metrics": {}, "paths": s.paths()}
+  return dict(summary, nothing_to_do=True)

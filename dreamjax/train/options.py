@@ -72,7 +72,8 @@ class TrainOptions:
   lr: Optional[float] = option(None, f"Peak learning rate (default {MODEL_LR}; {PRESET_LR} for a from-scratch preset).")
   schedule: str = option("constant", "Learning-rate schedule after warmup.", choices=SCHEDULES)
   warmup_steps: int = option(0, "Linear warmup steps.")
-  batch_size: int = option(8, "Examples per step (preference + general).")
+  batch_size: int = option(8, "Examples per optimizer step (preference + general): the global batch, over all "
+                           "devices and all --grad_accum micro-batches.")
   grad_accum: int = option(1, "Micro-batches per step (exact large-batch gradient).")
   dropout: float = option(0.0, "Residual dropout while training (attention and MLP outputs), in [0, 1).")
   max_context_len: int = option(1024, "Context tokens kept (cut from the left).")

@@ -329,7 +329,7 @@ class Session:
     if decision is not None:  # the newest step was non-finite (skipped): no figures for it
       return decision
     self.last_figures = self.evaluator.figures(self.state.params)
-    self.logger.log(self.step_count, self.last_figures, prefix="monitor")
+    self.logger.log(self.step_count, evaluation.tb_sections(self.last_figures), prefix="")  # eval/, monitor/
     decision = self.guard.decide(self.step_count, self.last_figures)
     if decision.passed:
       self.ckpt.mark_good(self.step_count)
