@@ -103,7 +103,7 @@ _preference_logps_jit = jax.jit(preference_logps, static_argnames=("config",))
 # ---------------------------------------------------------------------------------------------
 # All figures of one eval.
 
-EVAL_FIGURES = ("perplexity", "logps/")  # held-out evaluation; the other figures monitor the weights
+EVAL_FIGURES = ("perplexity", "logps/", "eval_data/")  # held-out evaluation; the others monitor the weights
 
 
 def tb_sections(figures: Figures) -> dict[str, Figures]:
@@ -124,14 +124,18 @@ class Evaluator:
     general_batches: held-out general text (collate of general_example), for perplexity; the
       first also serves residual growth.
     preference_batches: held-out preference pairs for the chosen/rejected trend (optional).
+    objective_metrics: optional `(params, batch) -> metrics` of the training objective (the step's
+      loss without its gradient); its metrics over the preference batches, averaged by their
+      preference examples, are figures 'eval_data/<metric>' (eval_data/loss, .../rewards/accuracies).
   """
 
   def __init__(self, base_params, config: ModelConfig, general_batches: Sequence[PreferenceBatch],
-               preference_batches: Sequence[PreferenceBatch] = ()):
+               preference_batches: Sequence[PreferenceBatch] = (), objective_metrics=None):
     if not general_batches:
       raise ValueError("Evaluator needs at least one held-out general batch")
     self.base_params, self.config = base_params, config
     self.general_batches, self.preference_batches = list(general_batches), list(preference_batches)
+    self.objective_metrics = objective_metrics
     self._residual = jax.jit(diagnostics.residual_growth, static_argnames=("config",))
     self._drift = jax.jit(diagnostics.weight_drift, static_argnames=("config",))
     self._base_perplexity = held_out_perplexity(base_params, self.general_batches, config)
@@ -155,4 +159,22 @@ class Evaluator:
         sc, sr, n = sc + float(c), sr + float(r), n + float(k)
       if n > 0:
         out["logps/chosen"], out["logps/rejected"] = sc / n, sr / n
+    if self.objective_metrics is not None and self.preference_batches:
+      out.update(self._objective_figures(params))
     return out
+
+  def _objective_figures(self, params) -> Figures:
+    """Returns the objective's metrics over the preference batches, weighted by each batch's count
+    of preference examples (the metrics are means over those), as 'eval_data/<metric>'."""
+    sums: dict[str, float] = {}
+    total = 0.0
+    for batch in self.preference_batches:
+      n = float(jnp.sum(batch.is_preference_B))
+      if n == 0:
+        continue
+      for k, v in self.objective_metrics(params, batch).items():
+        if k in ("tokens",) or k.startswith(("grad/", "loss/general")):
+          continue
+        sums[k] = sums.get(k, 0.0) + n * float(v)
+      total += n
+    return {f"eval_data/{k}": v / total for k, v in sums.items()} if total else {}

@@ -45,6 +45,9 @@ class RunConfig(options_lib.TrainOptions):
 
   data: tuple[str, ...] = option((), "Preference JSONL (TRL prompt/chosen/rejected); repeatable. Default: the "
                                  "built-in set.")
+  eval_data: tuple[str, ...] = option((), "Held-out preference JSONL, repeatable: evaluated every --eval_every steps "
+                                      "with the training objective's metrics (eval/eval_data/...) and used for the "
+                                      "guard's log-prob trend; given, no preference example is carved out of --data.")
   overlong: str = option("truncate", "What to do with over-long examples.", choices=tok_lib.OVERLONG)
   epochs: int = option(1, "Passes over the preference data (default 1: never repeat).")
   max_steps: int = option(0, "Stop after N steps (0: the whole pass).")
@@ -93,13 +96,22 @@ def load_data(cfg: RunConfig, tokenizer, run_dir: str):
         for e in prefs]
   tp = [e for e in tp if e is not None]
   tg = [tok_lib.encode_text(e, tokenizer, cfg.max_response_len + 1, stats) for e in texts]
-  # Held-out examples for the monitors: a seeded choice, never trained on.
+  # Held-out examples for the monitors: --eval_data, else a seeded choice of --data; never trained on.
   n_eval = cfg.eval_examples
-  if len(tp) <= n_eval:
-    raise RunError(f"--data: {len(tp)} usable preference examples; need more than --eval_examples={n_eval} "
-                   "(which are held out for the monitors)")
   rng = np.random.default_rng([cfg.seed, 7])
-  eval_pref, tp = mix.hold_out(tp, n_eval, rng)
+  if cfg.eval_data:
+    held = _read_all(cfg.eval_data, jsonl.read_preferences, cfg, bad, bad_file)
+    eval_pref = [tok_lib.encode_preference(e, tokenizer, cfg.max_context_len, cfg.max_response_len, cfg.overlong,
+                                           stats) for e in held]
+    eval_pref = [e for e in eval_pref if e is not None]
+    if not eval_pref:
+      raise RunError(f"--eval_data: no usable preference example in {', '.join(cfg.eval_data)} "
+                     f"(--overlong {cfg.overlong} dropped them all)")
+  else:
+    if len(tp) <= n_eval:
+      raise RunError(f"--data: {len(tp)} usable preference examples; need more than --eval_examples={n_eval} "
+                     "(which are held out for the monitors)")
+    eval_pref, tp = mix.hold_out(tp, n_eval, rng)
   eval_general, tg = mix.hold_out(tg, min(n_eval, len(tg) // 2), rng) if tg else ([], tg)
   return tp, tg, eval_pref, eval_general, stats, bad
 
@@ -159,7 +171,8 @@ def run(cfg: RunConfig, progress: Callable[[str], None] = _quiet) -> dict:
            f"{len(eval_general)} held out); {total_steps} steps of {cfg.batch_size}; setting up {cfg.run_dir}…")
   s = session_lib.Session(cfg, model, run_config=run_config, resume_keys=RESUME_KEYS, total_steps=total_steps,
                           shapes=(c_len, r_len), eval_general=eval_general, eval_preference=eval_pref,
-                          save_every=cfg.save_every, grad_log_every=cfg.eval_every, mesh=mesh)
+                          save_every=cfg.save_every, grad_log_every=cfg.eval_every, mesh=mesh,
+                          eval_metrics=bool(cfg.eval_data))
   summary_path = os.path.join(cfg.run_dir, "summary.json")
   if s.start >= total_steps:  # finished before: keep its summary
     s.close()

@@ -200,11 +200,15 @@ class Session:
       perplexity; without any, the held-out preferences' chosen responses serve).
     save_every: checkpoint steps that are multiples of this (and any `save(force=True)`).
     grad_log_every: log the per-layer gradient norms every this many steps.
+    mesh: the --mesh mesh (`make_mesh`; made here when None).
+    eval_metrics: also evaluate the training objective's metrics on eval_preference
+      (`evaluation.Evaluator`'s objective_metrics: eval_data/loss, eval_data/rewards/..., ...).
   """
 
   def __init__(self, opts: options_lib.TrainOptions, model: Model, *, run_config: dict, resume_keys: Sequence[str],
                total_steps: int, shapes: tuple[int, int], eval_general: Sequence = (), eval_preference: Sequence = (),
-               save_every: int = 100, grad_log_every: int = 1, mesh: Optional[jax.sharding.Mesh] = None):
+               save_every: int = 100, grad_log_every: int = 1, mesh: Optional[jax.sharding.Mesh] = None,
+               eval_metrics: bool = False):
     self.opts, self.model, self.run_config = opts, model, run_config
     self.shapes, self.total_steps, self.grad_log_every = shapes, total_steps, grad_log_every
     self.objective = obj.get(opts.objective)
@@ -247,6 +251,7 @@ class Session:
     self.ref_params = self.base_params if self.objective.needs_reference else None
     self._eval_general = list(eval_general)
     self._eval_preference = list(eval_preference)
+    self._eval_metrics = eval_metrics
     self._evaluator = None  # built at the first evaluate (it evaluates the base model once)
     self.logger = log_lib.Logger(opts.run_dir, total_steps)
     self.losses: list[tuple[int, float]] = []  # (step, loss) of every finite step this session
@@ -319,7 +324,14 @@ class Session:
       pref = [collate(self._eval_preference[i:i + bs]) for i in range(0, len(self._eval_preference), bs)]
       if not general:  # no general data: perplexity on the held-out chosen responses
         general = [collate([batch_lib.TokenizedExample(e.context, e.chosen) for e in self._eval_preference])]
-      self._evaluator = evaluation.Evaluator(self.base_params, self.model.config, general, pref)
+      metrics_fn = None
+      if self._eval_metrics and pref:
+        kw = dict(config=self.model.config, objective=self.objective, gradient_mode=self.opts.gradient_mode,
+                  objective_kwargs={"beta": self.opts.beta})
+        loss = jax.jit(lambda p, b, ref: step_lib.batch_loss(p, b, ref_params=ref, **kw)[1])
+        metrics_fn = lambda params, batch: loss(params, batch, self.ref_params)
+      self._evaluator = evaluation.Evaluator(self.base_params, self.model.config, general, pref,
+                                             objective_metrics=metrics_fn)
     return self._evaluator
 
   def evaluate(self) -> guard_lib.Decision:
