@@ -125,12 +125,11 @@ class CycleConfig(options_lib.TrainOptions):
 
 
 # Settings that must match on resume: they shape the state, the scenarios or the batches.
-RESUME_KEYS = ("model_config", "seed", "scenarios", "memories", "templates", "rules", "scorer", "scorer_command",
-               "judge", "judge_template", "recall_k", "replay_cycles", "replay_decay", "fresh_share", "eval_scenarios",
-               "temperatures", "samples_per_temperature", "max_new_tokens", "max_prompt_tokens", "min_margin",
-               "walk_length", "n_walks", "min_distance", "general_data", "general_ratio", "objective",
-               "gradient_mode", "optimizer", "rank", "batch_size", "max_context_len", "max_response_len",
-               "eval_examples")
+RESUME_KEYS = options_lib.RESUME_OPTIONS + (
+    "scenarios", "memories", "templates", "rules", "scorer", "scorer_command", "judge", "judge_template", "recall_k",
+    "replay_cycles", "replay_decay", "fresh_share", "eval_scenarios", "temperatures", "samples_per_temperature",
+    "max_new_tokens", "max_prompt_tokens", "min_margin", "walk_length", "n_walks", "min_distance", "max_context_len",
+    "max_response_len")
 
 
 def validate(cfg: CycleConfig) -> None:

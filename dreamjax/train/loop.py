@@ -57,8 +57,7 @@ class RunConfig(options_lib.TrainOptions):
 
 
 # Fields that must match on resume: they decide the state's structure or the batches' order.
-RESUME_KEYS = ("model_config", "data", "general_data", "general_ratio", "objective", "gradient_mode",
-               "optimizer", "rank", "batch_size", "epochs", "seed", "eval_examples")
+RESUME_KEYS = options_lib.RESUME_OPTIONS + ("data", "epochs")
 
 
 def validate(cfg: RunConfig) -> None:

@@ -104,6 +104,12 @@ class TrainOptions:
     return dataclasses.replace(self, **kw)
 
 
+# The options a resumed run must keep (with the model's architecture, 'model_config'): they decide
+# the train state's structure or the order of its batches. Each driver adds its own.
+RESUME_OPTIONS = ("model_config", "general_data", "general_ratio", "objective", "gradient_mode", "optimizer", "rank",
+                  "batch_size", "seed", "eval_examples")
+
+
 # The options that shape the compiled train step (with the model config, the lr and the mesh).
 STEP_OPTIONS = ("objective", "beta", "gradient_mode", "optimizer", "rank", "apollo_scale", "update_proj_gap",
                 "weight_decay", "b1", "b2", "schedule", "warmup_steps", "grad_accum", "dropout", "remat",
