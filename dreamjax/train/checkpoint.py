@@ -30,6 +30,7 @@ import json
 import os
 import re
 import signal
+import sys
 import threading
 import time
 from typing import Any, Mapping, Optional, Sequence
@@ -337,6 +338,7 @@ class Checkpointer:
       try:
         restored = self._restore_one(s, target)
       except _Unreadable as e:
+        _silence_closed_loop_reports()  # the failed read's pending callbacks would each print one
         logging.warning("checkpoint step %d in %s is corrupt or partial (%s); trying the previous step",
                         s, self.directory, e)
         failures.append((s, str(e)))
@@ -505,6 +507,38 @@ def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any],
         f"resume with a changed {', '.join(changed)}: the run config differs from the checkpoint's on "
         f"field(s) that must match:\n  {lines}\nStart a new run folder, or restore the original settings."
     )
+
+
+def _is_closed_loop(exc) -> bool:
+  return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _silence_closed_loop_reports() -> None:
+  """Drops the "RuntimeError: Event loop is closed" reports of a failed Orbax read, keeping all others.
+
+  When a corrupt step fails to restore, the storage layer's (tensorstore's) pending reads still
+  complete later and post their results to the asyncio loop Orbax already closed; each such
+  callback printed a traceback (hundreds of lines for one corrupt step), which buried the one
+  warning that matters. The reports arrive through sys.excepthook (the callback thread's
+  PyErr_Print), threading.excepthook or sys.unraisablehook; each hook is wrapped once.
+  """
+  if getattr(sys.excepthook, "_dreamjax_quiet", False):
+    return
+
+  def quiet_excepthook(tp, value, tb, _previous=sys.excepthook):
+    if not _is_closed_loop(value):
+      _previous(tp, value, tb)
+
+  def quiet_thread_hook(args, _previous=threading.excepthook):
+    if not _is_closed_loop(args.exc_value):
+      _previous(args)
+
+  def quiet_unraisable(unraisable, _previous=sys.unraisablehook):
+    if not _is_closed_loop(unraisable.exc_value):
+      _previous(unraisable)
+
+  quiet_excepthook._dreamjax_quiet = True  # pylint: disable=protected-access
+  sys.excepthook, threading.excepthook, sys.unraisablehook = quiet_excepthook, quiet_thread_hook, quiet_unraisable
 
 
 # ---------------------------------------------------------------------------------------------
