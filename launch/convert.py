@@ -114,6 +114,8 @@ def orbax_to_hf(src: str, dst: str, step=None, dtype: str = SOURCE) -> int | Non
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # Orbax logs each restore at INFO; keep the console to the result
+    logging.set_verbosity(logging.WARNING)
   if os.path.exists(_DST.value):
     print(f"error: --dst {_DST.value} exists; choose a new folder (nothing is overwritten)", file=sys.stderr)
     sys.exit(2)
@@ -130,7 +132,6 @@ def main(argv):
   except (ConvertError, ConfigError, hf.ModelFileError, ckpt_lib.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  logging.info("done")
 
 
 if __name__ == "__main__":

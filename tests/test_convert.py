@@ -115,6 +115,10 @@ def test_convert_cli_refuses_a_corrupt_safetensors_file(tmp_path):
   bf16_model(tmp_path / "src")
   path = tmp_path / "src" / "model.safetensors"
   data = path.read_bytes()
+  ok = launcher("launch.convert", "--to", "orbax", "--src", str(tmp_path / "src"), "--dst", str(tmp_path / "ok"))
+  assert ok.returncode == 0 and ok.stdout.splitlines() == [f"wrote {tmp_path / 'ok' / convert.PARAMS_DIR} (Orbax) "
+                                                           "and config.json"]
+  assert ok.stderr.strip() == "", ok.stderr  # no Orbax INFO lines unless --verbosity asks for them
   path.write_bytes(data[: len(data) - 7])  # an interrupted download
   r = launcher("launch.convert", "--to", "orbax", "--src", str(tmp_path / "src"), "--dst", str(tmp_path / "out"))
   assert_one_line_error(r, f"{path}: not a readable safetensors file", "truncated or corrupt")

@@ -12,8 +12,10 @@ training can be read. Used by `launch.convert --to hf` and `launch.generate --ru
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 from typing import NamedTuple, Optional
 
@@ -59,6 +61,23 @@ def model_config_from_dict(d: dict) -> ModelConfig:
   return ModelConfig(**kw)
 
 
+class _DropStepMetadataWarning(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Metadata file does not exist")
+
+
+@contextlib.contextmanager
+def _no_step_metadata_warning():
+  """Drops Orbax's "Metadata file does not exist" warning while an item folder is read on its own:
+  the step-level metadata it looks for sits one folder up and is not needed to read the arrays."""
+  logger, drop = logging.getLogger("absl"), _DropStepMetadataWarning()
+  logger.addFilter(drop)
+  try:
+    yield
+  finally:
+    logger.removeFilter(drop)
+
+
 def restore_raw(path: str):
   """Returns the pytree of an Orbax StandardSave folder, every array on this process's first device.
 
@@ -66,7 +85,7 @@ def restore_raw(path: str):
   one local device: a checkpoint written by 8 devices (or several processes) reads on a laptop.
   """
   try:
-    with ocp.StandardCheckpointer() as ckptr:
+    with _no_step_metadata_warning(), ocp.StandardCheckpointer() as ckptr:
       meta = ckptr.metadata(os.path.abspath(path))
       meta = getattr(meta, "item_metadata", meta)
       device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
