@@ -1,6 +1,7 @@
 """The dream cycle: dream → train → monitor → checkpoint, resumed at cycle granularity."""
 
 import collections
+import dataclasses
 import json
 import os
 import re
@@ -203,3 +204,24 @@ def test_launcher_bad_flag_exits_2_with_a_clear_error(tmp_path):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert out.returncode == 2 and "error: --scenarios: must be >= 1, got 0" in out.stderr
   assert not os.path.exists(tmp_path / "r" / "checkpoints")
+
+
+def test_every_training_option_reaches_the_dream_step(tmp_path):
+  """launch.dream has every training flag (one definition, dreamjax.train.options) and the cycle's
+  step runs with them: the same cycle with dropout, bf16, remat, accumulation and a schedule
+  trains differently from the plain one, and both their checkpoints record the options."""
+  from dreamjax.train import options as options_lib  # pylint: disable=g-import-not-at-top
+
+  train_fields = {f.name for f in dataclasses.fields(options_lib.TrainOptions)}
+  assert train_fields <= {f.name for f in dataclasses.fields(cycle.CycleConfig)}
+  extra = dict(dropout=0.3, bf16=True, remat=True, remat_policy="dots", grad_accum=2, schedule="cosine",
+               warmup_steps=1, weight_decay=0.01)
+  runs = {}
+  for name, kw in (("plain", {}), ("options", extra)):
+    run_dir = str(tmp_path / name)
+    summary = cycle.run(cycle.CycleConfig(run_dir=run_dir, cycles=1, **TINY, **kw))
+    assert summary["status"] == "finished" and summary["step"] >= 1, summary
+    recorded = json.load(open(os.path.join(run_dir, "config.json")))
+    assert all(recorded[k] == v for k, v in kw.items())
+    runs[name] = params_at(run_dir, summary["step"])
+  assert any(not np.array_equal(a, b) for a, b in zip(runs["plain"].values(), runs["options"].values()))
