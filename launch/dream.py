@@ -16,7 +16,7 @@ that resumes and exits 0; a second Ctrl-C ends the process at once. TRL's flag n
 import json
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from dreamjax.data import jsonl
 from dreamjax.dream import cycle
@@ -24,7 +24,6 @@ from dreamjax.dream.scorer import ScorerError
 from dreamjax.model import ConfigError
 from dreamjax.model.hf import ModelFileError
 from dreamjax.train import checkpoint as ckpt_lib
-from dreamjax.train import mesh as mesh_lib
 from launch import flags as launch_flags
 
 launch_flags.define(cycle.CycleConfig)
@@ -56,13 +55,7 @@ def _print_cycle(r: dict) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not FLAGS["verbosity"].present:  # Orbax logs every save at INFO
-    logging.set_verbosity(logging.WARNING)
-  try:
-    mesh_lib.initialize_distributed()  # several processes (JAX_COORDINATOR_ADDRESS, ...) or a no-op
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  launch_flags.start_process()  # quiet Orbax logs; join a multi-process run if the environment says so
   try:
     cfg = launch_flags.announce_recorded(*launch_flags.resolve(cycle.CycleConfig), say)
     summary = cycle.run(cfg, on_cycle=_print_cycle, progress=say)

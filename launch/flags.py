@@ -222,3 +222,21 @@ def announce_recorded(cfg, taken: dict[str, Any], say) -> Any:
   if taken:
     say(f"{os.path.join(cfg.run_dir, RECORD)}: flags not given take the recorded values: {flags_text(taken)}")
   return cfg
+
+
+def start_process(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """What a launcher does first: keeps Orbax's per-save INFO lines off the console unless --verbosity
+  is given, and joins a multi-process run when the environment describes one
+  (`dreamjax.train.mesh.initialize_distributed`); a bad multi-process environment exits 2 with
+  one error line."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+
+  from dreamjax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+
+  if not flag_values["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  try:
+    mesh_lib.initialize_distributed()
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)

@@ -15,13 +15,12 @@ the command that resumes and exits 0; a second Ctrl-C ends the process at once. 
 import json
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from dreamjax.data import jsonl
 from dreamjax.model import ConfigError
 from dreamjax.model.hf import ModelFileError
 from dreamjax.train import checkpoint as ckpt_lib
-from dreamjax.train import mesh as mesh_lib
 from dreamjax.train import loop
 from launch import flags as launch_flags
 
@@ -39,13 +38,7 @@ def say(message: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not FLAGS["verbosity"].present:  # Orbax logs every save at INFO; keep the console to the bar
-    logging.set_verbosity(logging.WARNING)
-  try:
-    mesh_lib.initialize_distributed()  # several processes (JAX_COORDINATOR_ADDRESS, ...) or a no-op
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  launch_flags.start_process()  # quiet Orbax logs; join a multi-process run if the environment says so
   try:
     cfg = launch_flags.announce_recorded(*launch_flags.resolve(loop.RunConfig), say)
     summary = loop.run(cfg, progress=say)

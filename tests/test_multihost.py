@@ -12,8 +12,10 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from dreamjax.train import loop
+from dreamjax.train import mesh as mesh_lib
 from dreamjax.train import run_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,3 +91,26 @@ def test_two_processes_train_like_one_and_stop_together(tmp_path):
   assert got.step == want.step == 12
   for a, b in zip(leaves(got.params), leaves(want.params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("env,match", [
+    ({"JAX_NUM_PROCESSES": "2"}, "JAX_PROCESS_ID is not"),
+    ({}, "JAX_NUM_PROCESSES and JAX_PROCESS_ID are not"),
+    ({"JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"}, "must be integers"),
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"}, r"JAX_PROCESS_ID=2 is not in 0\.\.JAX_NUM_PROCESSES-1=1"),
+])
+def test_a_bad_multi_process_environment_is_named_before_anything_starts(monkeypatch, env, match):
+  for var in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    monkeypatch.delenv(var, raising=False)
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1")
+  for k, v in env.items():
+    monkeypatch.setenv(k, v)
+  with pytest.raises(ValueError, match=match):
+    mesh_lib.initialize_distributed()
+  assert not jax.distributed.is_initialized()
+
+
+def test_one_process_is_a_no_op(monkeypatch):
+  for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES"):
+    monkeypatch.delenv(var, raising=False)
+  assert mesh_lib.initialize_distributed() is False and not jax.distributed.is_initialized()

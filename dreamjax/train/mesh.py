@@ -121,7 +121,8 @@ def initialize_distributed() -> bool:
   if env.get("JAX_COORDINATOR_ADDRESS"):
     missing = [v for v in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if not env.get(v)]
     if missing:
-      raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {' and '.join(missing)} is not: a multi-process "
+      verb = "is" if len(missing) == 1 else "are"
+      raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {' and '.join(missing)} {verb} not: a multi-process "
                        "launch sets all three in every process")
     try:
       n, i = int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"])
