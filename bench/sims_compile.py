@@ -3,8 +3,9 @@
     python bench/sims_compile.py [--levels default,0,1,2,3] [--steps 60] [--seeds 3]
 
 For each level, a fresh process (XLA_FLAGS=--xla_backend_optimization_level=L, or no flag for
-'default'; no compilation cache) compiles `sims.world`'s standard fine-tuning function (Qwen3-style tiny decoder, ORPO,
-APOLLO, vmapped seeds, a scan over the steps) in both gradient modes and runs it twice. Prints
+'default'; no compilation cache) compiles the sims' shared fine-tuning program (`sims.engine`: Qwen3-style tiny
+decoder at the standard batch, vmapped seeds, a while loop over the steps; here ORPO and APOLLO) in both gradient
+modes and runs it twice. Prints
 one JSON line: per level and mode the compile CPU seconds (user + system of the process while
 XLA compiles; compilation is partly multi-threaded), compile wall seconds and the second run's
 wall seconds, a SHA-256 of the run's outputs, the ratios of each level to XLA's default (no
@@ -23,7 +24,7 @@ import hashlib, json, resource, sys, time
 import numpy as np
 import jax, jax.numpy as jnp
 from dreamjax.model import init_params
-from sims import world as W
+from sims import engine, world as W
 steps, seeds = int(sys.argv[1]), int(sys.argv[2])
 cfg = W.model_config("qwen3")
 keys = jax.random.split(jax.random.PRNGKey(0), seeds)
@@ -32,8 +33,9 @@ pool = W.reference_pool(W.World.make(0))
 cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
 out = {}
 for mode in ("full", "frozen"):
-  fn = W._finetune_fn(cfg, steps, W.BATCH, mode, "orpo", False, "apollo")
-  args = (params, keys, pool, jnp.float32(1e-3), jnp.int32(steps))
+  fn = engine._run_fn(cfg, mode, W.BATCH, 0.0)
+  args = (engine.init(params), params, engine.pad_pool(pool, seeds), engine.sample_indices(keys, 1024, W.BATCH),
+          engine.arm(steps, 1e-3))
   lowered = fn.trace(*args).lower()
   c0, t0 = cpu(), time.perf_counter()
   compiled = lowered.compile()

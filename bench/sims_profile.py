@@ -11,7 +11,9 @@ Each event is also attributed to the simulation running in its thread ("main" ou
 to the traced function's name: `by_simulation` holds per simulation the backend-compile, tracing
 and lowering seconds and the number of backend compiles; `top_compiles` the functions (per
 simulation) with the most backend-compile seconds. With several jobs the seconds are per thread,
-so they include waiting for the other thread's work on the same cores.
+so they include waiting for the other thread's work on the same cores. `compiles_by_function` counts
+the backend compiles (and their seconds) per traced function over the whole run: `jit(train_steps)`
+are the compiled fine-tuning programs (`sims.engine`), one per distinct program.
 """
 
 import atexit
@@ -71,12 +73,18 @@ def _report():
   top = sorted(_BY_FUNCTION.items(), key=lambda kv: -kv[1][1])[:25]
   by_sim = {s: {k: int(x) if k == "compiles" else x for k, x in v.items()}
             for s, v in sorted(_BY_SIM.items(), key=lambda kv: -kv[1].get("compile_s", 0.0))}
+  by_function = collections.defaultdict(lambda: [0, 0.0])
+  for (_, f), (n, t) in _BY_FUNCTION.items():
+    by_function[f][0] += n
+    by_function[f][1] += t
   print(json.dumps({"bench": "sims_profile", "argv": sys.argv[1:], "wall_s": time.perf_counter() - _T0,
                     "events": {k: {"n": _COUNTS[k], "sum_s": _SUMS[k]} for k in sorted(_SUMS)},
                     "backend_compiles_ge_1s": sum(d >= 1.0 for d in _COMPILES),
                     "by_simulation": by_sim,
                     "top_compiles": [{"simulation": s, "function": f, "n": n, "compile_s": t}
-                                     for (s, f), (n, t) in top]}))
+                                     for (s, f), (n, t) in top],
+                    "compiles_by_function": {f: {"n": n, "compile_s": t} for f, (n, t) in
+                                             sorted(by_function.items(), key=lambda kv: -kv[1][1])}}))
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ rounds, in matched arms:
   stack_annealed  the stack with its lr decayed geometrically to ANNEAL × over the rounds
             (positive control: shrinking updates must show up as lost plasticity).
 
-Every seed draws its own rules and pools (generated up front as arrays [R, P]); all rounds run
-in one `lax.scan` over rounds (an inner scan over steps) of a function vmapped over seeds
-(stack and stack_annealed vmapped together), so each optimizer/gradient-mode pair compiles once.
+Every seed draws its own rules and pools (generated up front as arrays [R, P]); each round is one
+call of the suite's shared fine-tuning program (`sims.engine`: optimizer, lr and pool traced; one
+compile per gradient mode), seeds vmapped, continuing the previous round's train state.
 
 Metrics, per seed:
   acc_r        = exact-match accuracy (%) of round r's rule after its T steps, on fresh episodes
@@ -52,7 +52,7 @@ import optax
 
 from dreamjax.model import decoder, layout, positions_from_mask
 from dreamjax.train.batch import PreferenceBatch, TokenizedExample
-from dreamjax.train.step import init_train_state, make_train_step
+from sims import engine
 from sims import harness
 from sims import world as W
 
@@ -70,8 +70,6 @@ TARGETS = {"stack": 5e-3, "baseline": 2e-2}  # per-step ||Δθ||/||θ|| (world.l
 ANNEAL = 0.1  # stack_annealed's lr at the last round, relative to its first
 NARROW = dict(actors=[0], situations=[0], values=[0, 1])
 RESPONSES = (W.ACCEPT, W.PUSHBACK, W.SUGGEST)
-# XLA:CPU options for the rounds' functions: about half the compile time, which dominates here.
-COMPILER_OPTIONS = None
 SMOKE = None  # tests set e.g. {'steps': 2, 'pretrain_steps': 2, 'eval_n': 8}
 
 ARMS = ("baseline", "stack", "stack_annealed")
@@ -203,34 +201,33 @@ def health(params, probe, config):
 # The rounds.
 
 
-def make_optimizer(name: str, lr):
-  return W.apollo_optimizer(lr) if name == "apollo" else optax.adamw(lr, weight_decay=0.0)
-
-
 @functools.lru_cache(maxsize=None)
-def _rounds_fn(config, optimizer: str, gradient_mode: str, rounds: int, steps: int, batch_size: int):
-  """Returns jit(vmap(one)) over seeds: (base, key, pools [R,P], evals [R,N], lr [R]) → (params, curves)."""
+def _round_metrics_fn(config):
+  """Returns jit: (params [S], evals [S, N], update norms [S, T]) → (accuracy % [S], mean ||Δθ|| / ||θ|| [S])."""
+  def one(params, ev, upd_T):
+    return W.correct_B(params, ev, config=config).mean() * 100.0, upd_T.mean() / optax.tree.norm(params)
+  return jax.jit(jax.vmap(one))
 
-  def one(params, key, pools_RxP, evals_RxN, lr_R):
-    state = init_train_state(params, make_optimizer(optimizer, 1.0))  # state layout is lr-free
 
-    def round_body(state, xs):
-      pool, ev, lr, r = xs
-      step_fn = make_train_step(config, "orpo", make_optimizer(optimizer, lr), gradient_mode, donate=False)
+def train_rounds(config, optimizer: str, gradient_mode: str, base_S, keys_S, pools_SxR, evals_SxR, lr_R, steps: int):
+  """Returns (params [S, ...], {'acc', 'rel_update'}: [S, R]): the rounds, one train state carried across.
 
-      def step_body(state, i):
-        batch = W.sample_batch(pool, jax.random.fold_in(key, r * steps + i), batch_size)
-        state, metrics = step_fn(state, batch)
-        return state, metrics["update_norm"]
-
-      state, upd_T = jax.lax.scan(step_body, state, jnp.arange(steps))
-      acc = W.correct_B(state.params, ev, config=config).mean() * 100.0
-      return state, {"acc": acc, "rel_update": upd_T.mean() / optax.tree.norm(state.params)}
-
-    state, curves = jax.lax.scan(round_body, state, (pools_RxP, evals_RxN, lr_R, jnp.arange(rounds)))
-    return state.params, curves
-
-  return jax.jit(jax.vmap(one), compiler_options=COMPILER_OPTIONS)
+  Round r's step i trains (ORPO) on a batch of BATCH drawn uniformly from round r's pool with
+  fold_in(key, r · steps + i) at lr_R[r]: one call of the suite's shared fine-tuning program
+  (`sims.engine`; optimizer and lr traced) per round, then round r's rule is evaluated.
+  """
+  metrics = _round_metrics_fn(config)
+  n = pools_SxR.context_BxC.shape[2]
+  state, acc, rel = engine.init(base_S), [], []
+  for r, lr in enumerate(np.asarray(lr_R, np.float32)):
+    idx = engine.sample_indices(keys_S, n, BATCH, start=r * steps)
+    res = engine.run(config, state, engine.take(pools_SxR, (slice(None), r)), idx,
+                     engine.arm(steps, float(lr), optimizer=optimizer), gradient_mode=gradient_mode)
+    state = res.state
+    a, u = metrics(res.params, engine.take(evals_SxR, (slice(None), r)), res.update_norm[:, :steps])
+    acc.append(a)
+    rel.append(u)
+  return res.params, {"acc": np.stack(acc, axis=1), "rel_update": np.stack(rel, axis=1)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -287,18 +284,12 @@ def run(seeds: int, quick: bool, key):
           "stack_annealed": lrs["stack"] * np.concatenate([warm_R, anneal_R])}
   keys_S = harness.seed_keys(key, seeds)
   out = {}
-  for setup, arms in (("baseline", ("baseline",)), ("stack", ("stack", "stack_annealed"))):
-    # The arms of one setup run as one vmap over len(arms)·S rows (the same keys: matched).
-    n = len(arms)
-    rows = lambda t: jax.tree.map(lambda x: jnp.concatenate([x] * n), t)
+  for arm in ARMS:
+    setup = "baseline" if arm == "baseline" else "stack"
     pools = stack_tree([d[0][setup][0] for d in per_seed])
     evals = stack_tree([d[0][setup][1] for d in per_seed])
-    lr_rows = np.concatenate([np.tile(lr_R[a], (seeds, 1)) for a in arms]).astype(np.float32)
-    fn = _rounds_fn(config, *SETUPS[setup], warmup + rounds, steps, BATCH)
-    params, curves = fn(rows(base_S), rows(keys_S), rows(pools), rows(evals), lr_rows)
-    for i, arm in enumerate(arms):
-      part = lambda t, i=i: jax.tree.map(lambda x: x[i * seeds:(i + 1) * seeds], t)
-      out[arm] = summarise(part(curves), health_fn(part(params), probe), base_health, warmup, window)
+    params, curves = train_rounds(config, *SETUPS[setup], base_S, keys_S, pools, evals, lr_R[arm], steps)
+    out[arm] = summarise(curves, health_fn(params, probe), base_health, warmup, window)
   cfg = {"rounds": rounds, "warmup_rounds": warmup, "warmup_lr_factor": WARMUP_LR, "steps_per_round": steps, "batch_size": BATCH, "pool_per_round": POOL,
          "eval_per_round": eval_n, "window_rounds": window, "replay_fraction": REPLAY, "objective": "orpo",
          "responses": list(RESPONSES), "targets_rel_update": TARGETS, "lr": lrs, "anneal_final_factor": ANNEAL,

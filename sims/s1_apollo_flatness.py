@@ -1,7 +1,7 @@
 """S1: does coarse (channel- or tensor-wise) gradient scaling find flatter minima than AdamW?
 
 Each seed's cached base model (`sims.world.pretrain`, Qwen3-style) is fine-tuned with the project's
-ORPO objective and full-backprop train step (`dreamjax.train.step.make_train_step`) on diverse
+ORPO objective and full-backprop train step (`sims.engine`, the suite's shared program) on diverse
 behaviour preference pairs (no replay) by four optimizers: optax.sgd, optax.adamw, the project's
 APOLLO (rank 8, channel-wise scaling) and APOLLO-Mini (rank 1, tensor-wise scaling). Each
 optimizer's lr gives the same per-step relative update ||Δθ||/||θ|| at the base (probe run below),
@@ -38,6 +38,7 @@ import numpy as np
 import optax
 
 from dreamjax.train import step as step_lib
+from sims import engine
 from sims import harness
 from sims import world as W
 
@@ -62,38 +63,47 @@ def orpo_loss(params, batch, config):
 
 
 @functools.lru_cache(maxsize=None)
-def _train_fn(config, optimizer: str, batch_size: int):
-  """Returns jit(vmap(one)): training to a loss target with one optimizer (lr, target traced)."""
+def _loss_fn(config):
+  """Returns jit: (params [S], batch) → the ORPO loss of every seed on the batch [S]."""
+  return jax.jit(jax.vmap(lambda p, b: orpo_loss(p, b, config), in_axes=(0, None)))
 
-  def one(params, key, pool, hess_batch, lr, target, max_steps):
-    opt = W.OPTIMIZERS[optimizer](lr)
-    step_fn = step_lib.make_train_step(config, "orpo", opt, "full", donate=False)
-    state = step_lib.init_train_state(params, opt)
 
-    def cond(c):
-      _, i, done, _, _, _ = c
-      return (~done) & (i < max_steps)
-
-    def body(c):
-      state, i, _, _, rel, _ = c
-      before = state.params
-      state, m = step_fn(state, W.sample_batch(pool, jax.random.fold_in(key, i), batch_size))
-      loss = orpo_loss(state.params, hess_batch, config)
-      update = jax.tree.map(jnp.subtract, state.params, before)
-      return state, i + 1, loss <= target, loss, rel + m["update_norm"] / optax.tree.norm(before), update
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    init = (state, jnp.int32(0), jnp.bool_(False), jnp.float32(jnp.inf), jnp.float32(0.0), zeros)
-    state, steps, done, loss, rel, update = jax.lax.while_loop(cond, body, init)
-    return {"params": state.params, "update": update, "steps": steps, "reached": done,
-            "stop_loss": loss, "rel_update": rel / jnp.maximum(steps, 1)}
-
-  return jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, None, None, None)))
+@jax.jit
+def _advance(active_S, new: engine.State, old: engine.State, update):
+  """Returns (state, last update Δθ) per seed: after the step where the seed is active, else as before."""
+  keep = lambda n, o: jnp.where(active_S.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+  step = jax.tree.map(jnp.subtract, new.train.params, old.train.params)
+  return jax.tree.map(keep, new, old), jax.tree.map(keep, step, update)
 
 
 def train_seeds(config, optimizer, base_S, keys_S, pool, hess_batch, *, lr, target, max_steps):
-  fn = _train_fn(config, optimizer, BATCH)
-  return fn(base_S, keys_S, pool, hess_batch, jnp.float32(lr), jnp.float32(target), jnp.int32(max_steps))
+  """Returns every seed's run to a loss target: {'params', 'update', 'steps', 'reached', 'stop_loss', 'rel_update'}.
+
+  Step i trains on `world.sample_batch` rows drawn with fold_in(key, i), one step per call of the suite's
+  shared fine-tuning program (`sims.engine`: optimizer and lr traced); after each step a seed's ORPO
+  loss on hess_batch is evaluated and the seed stops (its state kept) once it is ≤ target, or after
+  max_steps. `update` is each seed's last step's Δθ, `rel_update` its mean per-step ||Δθ|| / ||θ||.
+  """
+  idx = engine.sample_indices(keys_S, pool.context_BxC.shape[0], BATCH)
+  settings = engine.arm(1, lr, optimizer=optimizer)
+  loss_fn = _loss_fn(config)
+  s = keys_S.shape[0]
+  state, update = engine.init(base_S), jax.tree.map(jnp.zeros_like, base_S)
+  steps, reached = np.zeros(s, np.int32), np.zeros(s, bool)
+  stop_loss, rel = np.full(s, np.inf, np.float32), np.zeros(s, np.float32)
+  for i in range(max_steps):
+    active = ~reached
+    if not active.any():
+      break
+    res = engine.run(config, state, pool, idx[:, i:], settings)
+    loss = np.asarray(loss_fn(res.params, hess_batch))
+    state, update = _advance(active, res.state, state, update)
+    steps = np.where(active, steps + 1, steps)
+    reached = np.where(active, loss <= target, reached)
+    stop_loss = np.where(active, loss, stop_loss)
+    rel = np.where(active, rel + res.update_norm[:, 0] / res.param_norm[:, 0], rel)
+  return {"params": state.train.params, "update": update, "steps": steps, "reached": reached, "stop_loss": stop_loss,
+          "rel_update": rel / np.maximum(steps, 1).astype(np.float32)}
 
 
 def _unit(v):

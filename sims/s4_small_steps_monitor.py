@@ -21,8 +21,9 @@ Capability is the mean exact-match accuracy over the general skills (qa, arith, 
   loss_frac_at_fire = (cap_0 − cap_fire) / cap_loss  (1 when it never fires)
   ratio_before_half = perplexity/ratio at eval half_chunk − 1 (1 at the start): a perplexity
                     limit below it would have fired before half the loss
-Seeds are vmapped: one jitted call trains all seeds of an arm and returns the params after every
-chunk; the monitor and the guard then run per seed on the host, as in a real run.
+Seeds are vmapped: each chunk is one call of the suite's shared fine-tuning program (`sims.engine`)
+for all seeds of an arm, and the params after every chunk are kept; the monitor and the guard then
+run per seed on the host, as in a real run.
 """
 
 import collections
@@ -36,7 +37,7 @@ import numpy as np
 from dreamjax.model import init_params
 from dreamjax.train import evaluation
 from dreamjax.train import guard as guard_lib
-from dreamjax.train import step as step_lib
+from sims import engine
 from sims import harness
 from sims import world as W
 
@@ -53,30 +54,21 @@ EVAL_CAPABILITY = 128  # world.eval_sets examples per skill, evaluated after eve
 SMOKE = None  # tests set e.g. {'steps': 2, 'pretrain_steps': 2, 'eval_n': 8}
 
 
-@functools.lru_cache(maxsize=None)
-def _run_fn(config, chunks: int, chunk_steps: int, batch_size: int):
-  """Returns jit(vmap(one)): APOLLO fine-tuning, params after every chunk [C, S, ...].
+def train_chunks(config, start_S, keys_S, pool, lr: float, warmup: float, chunks: int, chunk_steps: int):
+  """Returns (params after every chunk [C, S, ...], loss [S, C, T]): APOLLO fine-tuning in chunks.
 
-  The lr and the linear warmup length (in steps; 1 = constant lr) are traced: every arm shares
-  one compilation.
+  Step i trains on `world.sample_batch` rows drawn with fold_in(key, i) at lr · min(1, (i + 1) / warmup)
+  (warmup in steps; 1 = constant lr): one call of the suite's shared fine-tuning program
+  (`sims.engine`, lr and warm-up traced) per chunk, each continuing the previous chunk's state.
   """
-
-  def one(params, key, pool, lr, warmup):
-    opt = W.apollo_optimizer(lambda count: lr * jnp.minimum(1.0, (count + 1) / warmup))
-    step_fn = step_lib.make_train_step(config, "orpo", opt, "full", donate=False)
-
-    def step(state, i):
-      state, m = step_fn(state, W.sample_batch(pool, jax.random.fold_in(key, i), batch_size))
-      return state, m["loss"]
-
-    def chunk(state, c):
-      state, loss = jax.lax.scan(step, state, c * chunk_steps + jnp.arange(chunk_steps))
-      return state, (state.params, loss)
-
-    _, (params_C, loss_CxT) = jax.lax.scan(chunk, step_lib.init_train_state(params, opt), jnp.arange(chunks))
-    return params_C, loss_CxT
-
-  return jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, None), out_axes=1))
+  idx = engine.sample_indices(keys_S, pool.context_BxC.shape[0], W.BATCH)
+  state, params, losses = engine.init(start_S), [], []
+  for c in range(chunks):
+    res = engine.run(config, state, pool, idx[:, c * chunk_steps:], engine.arm(chunk_steps, lr, warmup=warmup))
+    state = res.state
+    params.append(res.params)
+    losses.append(res.loss[:, :chunk_steps])
+  return engine.stack(params), np.stack(losses, axis=1)
 
 
 def held_out(world: W.World, smoke: dict):
@@ -151,17 +143,16 @@ def run(seeds: int, quick: bool, key):
   sets = {k: v for k, v in W.eval_sets(world, n=smoke.get("eval_n", EVAL_CAPABILITY)).items() if k in W.SKILLS}
   pool = W.collate(W.examples("behaviour", 1024, np.random.default_rng(7), world, preference=True))
   general, pref = held_out(world, smoke)
-  run_fn = _run_fn(config, chunks, chunk_steps, W.BATCH)
   lrs = {t: W.lr_for("qwen3", t, base_S) for t in sorted({t for _, t, _ in ARMS.values()})}
   starts = {"base": base_S, "random": random_S}
   cap0 = {name: capability_C(jax.tree.map(lambda x: x[None], s), sets, config)[:, 0] for name, s in starts.items()}
   out, reasons, trajectories = {}, {}, {}
   timing = collections.defaultdict(float)
   for arm, (start, target, warm) in ARMS.items():
-    warmup = jnp.float32(max(1.0, round(warm * chunks * chunk_steps)))
+    warmup = max(1.0, round(warm * chunks * chunk_steps))
     t0 = time.perf_counter()
-    lr = jnp.float32(lrs[target]["lr"])
-    params_CxS, _ = jax.block_until_ready(run_fn(starts[start], keys_S, pool, lr, warmup))
+    params_CxS, _ = jax.block_until_ready(train_chunks(config, starts[start], keys_S, pool, lrs[target]["lr"], warmup,
+                                                       chunks, chunk_steps))
     t1 = time.perf_counter()
     cap_SxC = capability_C(params_CxS, sets, config)
     t2 = time.perf_counter()

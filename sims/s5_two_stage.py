@@ -41,7 +41,7 @@ import numpy as np
 
 from dreamjax.dream.consolidate import ConsolidationSchedule
 from dreamjax.train.batch import TokenizedExample
-from dreamjax.train.step import init_train_state, make_train_step
+from sims import engine
 from sims import harness
 from sims import world as W
 
@@ -141,29 +141,22 @@ def seed_data(world: W.World, seed: int, n_eval: int):
   return plan, pools, sets, idx % N_NEW
 
 
-@functools.lru_cache(maxsize=None)
-def _stream_fn(config, rounds: int, steps: int, batch_size: int):
-  """Returns jit(vmap(one)): (base [S], keys [S], pools [S, R, P], lr) → (params [S], loss [S, R, T])."""
+def stream(config, base_S, keys_S, pools_SxR, lr: float, steps: int):
+  """Returns (params [S, ...], loss [S, R, T]): the R rounds of T steps, one train state carried across.
 
-  def one(params, key, pools_RxP, lr):
-    optimizer = W.apollo_optimizer(lr)
-    step_fn = make_train_step(config, "orpo", optimizer, GRADIENT_MODE, donate=False)
-
-    def round_body(state, xs):
-      pool, r = xs
-
-      def step_body(state, i):
-        b = W.sample_batch(pool, jax.random.fold_in(key, r * steps + i), batch_size)
-        state, metrics = step_fn(state, b)
-        return state, metrics["loss"]
-
-      return jax.lax.scan(step_body, state, jnp.arange(steps))
-
-    state, loss_RxT = jax.lax.scan(round_body, init_train_state(params, optimizer),
-                                   (pools_RxP, jnp.arange(rounds)))
-    return state.params, loss_RxT
-
-  return jax.jit(jax.vmap(one, in_axes=(0, 0, 0, None)))
+  Round r's step i trains on a batch of W.BATCH drawn uniformly from round r's pool with
+  fold_in(key, r · T + i): one call of the suite's shared fine-tuning program (`sims.engine`,
+  frozen mode) per round, each continuing the previous round's state.
+  """
+  rounds, n = pools_SxR.context_BxC.shape[1:3]
+  state, losses = engine.init(base_S), []
+  for r in range(rounds):
+    idx = engine.sample_indices(keys_S, n, W.BATCH, start=r * steps)
+    res = engine.run(config, state, engine.take(pools_SxR, (slice(None), r)), idx, engine.arm(steps, lr),
+                     gradient_mode=GRADIENT_MODE)
+    state = res.state
+    losses.append(res.loss[:, :steps])
+  return res.params, np.stack(losses, axis=1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -188,7 +181,6 @@ def run(seeds: int, quick: bool, key):
   keys_S = harness.seed_keys(key, seeds)
   correct = _correct_fn(config)
   acc_base_old = np.asarray(correct(base_S, sets_S["old"])).mean(1) * 100
-  fn = _stream_fn(config, N_NEW, steps, W.BATCH)
 
   def metrics(params_S):
     c = {k: np.asarray(correct(params_S, sets_S[k])) for k in ("new", "old", "fast")}
@@ -200,7 +192,7 @@ def run(seeds: int, quick: bool, key):
   out, final_loss = {"none": metrics(base_S)}, {}
   for arm in TRAINED:
     pools = stack([d[1][arm] for d in per_seed])
-    params_S, loss_SxRxT = fn(base_S, keys_S, pools, jnp.float32(lrs[arm]))
+    params_S, loss_SxRxT = stream(config, base_S, keys_S, pools, lrs[arm], steps)
     out[arm] = metrics(params_S)
     final_loss[arm] = float(np.mean(np.asarray(loss_SxRxT)[:, :, -1]))
   shares = [round_weights(per_seed[0][0], k, SCHEDULE) for k in range(N_NEW)]

@@ -51,11 +51,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dreamjax import optim
 from dreamjax.model import LINEAR, FULL, ModelConfig, forward, init_params, positions_from_mask
 from dreamjax.train import batch as batch_lib
 from dreamjax.train.batch import PreferenceBatch, TokenizedExample
 from dreamjax.train.step import init_train_state, make_train_step
+from sims import engine
 
 # ---------------------------------------------------------------------------------------------
 # Vocabulary.
@@ -299,11 +299,13 @@ def train(config: ModelConfig, params, optimizer, pool: PreferenceBatch, key, *,
   """Returns (params, loss per step [steps]) after `steps` project train steps on pool draws.
 
   A `lax.scan` over `dreamjax.train.step.make_train_step`; step i's batch is drawn with
-  fold_in(key, i), so the key fixes the data order. Pure and traceable: vmap it over seeds.
+  fold_in(key, i), so the key fixes the data order. Pure and traceable: vmap it over seeds. The
+  base models' pretraining (`pretrain`); the simulations fine-tune through `sims.engine`, whose one
+  program per (config, gradient mode, batch size) takes every arm setting as a traced argument.
   return_rel_update: also return each step's ||Δθ_t|| / ||θ_t|| [steps].
   objective 'dpo' / 'dpop' use the starting params as the frozen reference model.
   active_steps: a traced int; steps i ≥ active_steps are skipped (state unchanged, loss and
-    relative update 0) at no compute, so a short run (the lr probe) reuses a long run's compile.
+    relative update 0) at no compute, so a short run reuses a long run's compile.
   """
   step_fn = make_train_step(config, objective, optimizer, gradient_mode, donate=False,
                             objective_kwargs=objective_kwargs, nll_on_prompt=nll_on_prompt)
@@ -425,12 +427,12 @@ def _pretrain(family: str, seeds: int, pc: PretrainConfig):
     sched = optax.cosine_decay_schedule(pc.lr, pc.steps, alpha=0.1)
     optimizer = optax.adamw(sched, weight_decay=0.0)
 
-    def one(key):
+    def pretrain_seed(key):
       params = init_params(config, key)
       return train(config, params, optimizer, pool, jax.random.fold_in(key, 1), steps=pc.steps,
                    batch_size=pc.batch_size)[0]
 
-    fn = jax.jit(jax.vmap(one))
+    fn = jax.jit(jax.vmap(pretrain_seed))
     for b in blocks:
       block = range(b * PRETRAIN_BLOCK, (b + 1) * PRETRAIN_BLOCK)
       new = fn(jnp.stack([jax.random.PRNGKey(s) for s in block]))
@@ -461,7 +463,7 @@ def real_lr_equivalent(rel_update: float) -> float:
 
 def apollo_optimizer(lr: float) -> optax.GradientTransformation:
   """Returns the project's APOLLO-AdamW at this model's scale (rank 8: matrices are ≤ 88 wide)."""
-  return optim.apollo(lr, rank=8, update_proj_gap=50)
+  return engine.OPTIMIZERS["apollo"](lr)
 
 
 def relative_update(params_a, params_b):
@@ -476,37 +478,27 @@ def finetune_seeds(config: ModelConfig, base_S, keys_S, pool: PreferenceBatch, *
                    active_steps: Optional[int] = None):
   """Returns (params [S, ...], loss [S, steps]): fine-tuning of every seed's base, vmapped.
 
-  optimizer: a key of OPTIMIZERS (default the project's APOLLO). The lr and the pool are traced
-  arguments: arms that differ only in them share one compile. with_rel_update: also return
-  each step's ||Δθ_t|| / ||θ_t||, [S, steps] (the same compiled function). active_steps: run only
-  the first that many steps (traced, the same compiled function; the rest return params unchanged).
+  The project's train step on `sample_batch` draws (step i: fold_in(keys_S[s], i)) through the shared
+  `sims.engine` program: only the model config, gradient mode and batch size select a compile; the
+  lr, step count, optimizer (a key of OPTIMIZERS), objective, nll_on_prompt and pool are traced.
+  with_rel_update: also return each step's ||Δθ_t|| / ||θ_t||, [S, steps]. active_steps: run only
+  the first that many steps (loss and relative update 0 after them).
   """
-  fn = _finetune_fn(config, steps, batch_size, gradient_mode, objective, nll_on_prompt, optimizer)
-  params, loss, rel = fn(base_S, keys_S, pool, jnp.float32(lr), jnp.int32(active_steps or steps))
-  return (params, loss, rel) if with_rel_update else (params, loss)
-
-
-@functools.lru_cache(maxsize=None)
-def _finetune_fn(config, steps, batch_size, gradient_mode, objective, nll_on_prompt, optimizer="apollo"):
-  def one(params, key, pool, lr, active_steps):
-    return train(config, params, OPTIMIZERS[optimizer](lr), pool, key, steps=steps, batch_size=batch_size,
-                 return_rel_update=True, active_steps=active_steps,
-                 objective=objective, gradient_mode=gradient_mode, nll_on_prompt=nll_on_prompt)
-  return jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, None)))
+  idx = engine.sample_indices(keys_S, pool.context_BxC.shape[-2], batch_size)
+  settings = engine.arm(steps if active_steps is None else min(active_steps, steps), lr, optimizer=optimizer,
+                        objective=objective, nll_on_prompt=nll_on_prompt)
+  res = engine.finetune(config, base_S, pool, idx, settings, gradient_mode=gradient_mode)
+  loss = res.loss[:, :steps]
+  return (res.params, loss, res.rel_update(steps)) if with_rel_update else (res.params, loss)
 
 
 # ---------------------------------------------------------------------------------------------
 # Shared settings, so that simulations in one process share compiled functions and calibrations.
 
-# Fine-tuning steps and batch of the standard arm: `finetune_seeds` compiles once per
-# (config, steps, batch, mode, objective), so simulations that use these share one compilation.
+# Fine-tuning steps and batch of the standard arm (`finetune`): `sims.engine` compiles once per
+# (config, gradient mode, batch size), so simulations at this batch share its programs.
 FINETUNE_STEPS, QUICK_FINETUNE_STEPS, BATCH = 120, 40, 32
-OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
-    "apollo": apollo_optimizer,
-    "apollo_mini": lambda lr: optim.apollo_mini(lr),
-    "adamw": lambda lr: optax.adamw(lr, weight_decay=0.0),
-    "sgd": lambda lr: optax.sgd(lr),
-}
+OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = engine.OPTIMIZERS
 _PROBES: dict = {}
 
 
@@ -522,26 +514,25 @@ def lr_for(family: str, target: float, base_S, *, optimizer: str = "apollo", obj
            pc: PretrainConfig = PretrainConfig(), quick: bool = False, steps: Optional[int] = None) -> dict:
   """Returns the lr whose mean per-step ||Δθ||/||θ|| over the first PROBE_STEPS steps is `target`.
 
-  The probe runs the arms' own compiled fine-tuning (`finetune` with the same seeds, steps and
-  optimizer: no extra compilation; only its first PROBE_STEPS steps execute) at a probe lr on the
-  reference pool, once per (family,
-  optimizer, objective, pretraining, steps, seeds), and averages the first steps' relative update
-  over seeds; other targets scale its lr linearly (Adam-type and SGD updates are ∝ lr).
+  The probe runs the arms' own fine-tuning (`finetune_seeds`: the shared engine program, nothing
+  extra to compile) for min(PROBE_STEPS, steps) steps at a probe lr on the reference pool, once per
+  (family, optimizer, objective, pretraining, probe steps, seeds), and averages the relative update
+  over steps and seeds; other targets scale its lr linearly (Adam-type and SGD updates are ∝ lr).
   """
   n_steps = steps or (QUICK_FINETUNE_STEPS if quick else FINETUNE_STEPS)
+  probe_steps = min(PROBE_STEPS, n_steps)
   n_seeds = int(jax.tree.leaves(base_S)[0].shape[0])
-  key = (family, optimizer, objective, pc, n_steps, n_seeds)
+  key = (family, optimizer, objective, pc, probe_steps, n_seeds)
 
   def probe():
     probe_lr = 1e-1 if optimizer == "sgd" else 1e-3
     keys_S = jax.random.split(jax.random.PRNGKey(99), n_seeds)
     _, _, rel_SxT = finetune_seeds(model_config(family), base_S, keys_S, reference_pool(World.make(pc.world_seed)),
-                                   lr=probe_lr, steps=n_steps, batch_size=BATCH, objective=objective,
-                                   optimizer=optimizer, with_rel_update=True,
-                                   active_steps=min(PROBE_STEPS, n_steps))
-    measured = float(np.mean(np.asarray(rel_SxT)[:, :min(PROBE_STEPS, n_steps)]))
+                                   lr=probe_lr, steps=probe_steps, batch_size=BATCH, objective=objective,
+                                   optimizer=optimizer, with_rel_update=True)
+    measured = float(np.mean(np.asarray(rel_SxT)))
     return {"probe_lr": probe_lr, "probe_rel_update": measured, "lr": probe_lr / measured,
-            "probe_steps": min(PROBE_STEPS, n_steps), "probe_seeds": n_seeds}
+            "probe_steps": probe_steps, "probe_seeds": n_seeds}
 
   probe = once(_PROBES, key, probe)
   return {**probe, "target_rel_update": target, "lr": probe["lr"] * target,

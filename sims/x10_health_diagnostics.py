@@ -20,10 +20,9 @@ perplexity:
                     Alarm: D(c) < DIRECTION_FLOOR (consecutive steps point against each other on
                     average: the steps overshoot).
 
-The training scan is the project's step written out so the gradients are visible: value_and_grad of
-`dreamjax.train.step.batch_loss` (the step's own loss), the optimizer's update, `optax.apply_updates`
-(what `make_train_step` does), with the diagnostics computed from those gradients. All arms and seeds
-run in one vmapped call of one compiled function (lr, start and the warmup are traced).
+Training is the suite's shared fine-tuning program (`sims.engine`: the project's train step, which
+also reports per step each layer's gradient norm and the cosine with the previous step's gradient),
+one call per chunk, seeds vmapped; the residual growth and the capability are evaluated after each.
 
 Per-seed metrics (chunks c = 1..C; C + 1 = never):
   fired / fire_chunk    any diagnostic alarms at some chunk / the first such chunk
@@ -44,13 +43,12 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from dreamjax.model import init_params, layout
+from dreamjax.model import init_params
 from dreamjax.train import diagnostics as diag_lib
 from dreamjax.train import evaluation
 from dreamjax.train import guard as guard_lib
-from dreamjax.train import step as step_lib
+from sims import engine
 from sims import harness
 from sims import world as W
 from sims.s4_small_steps_monitor import timing_metrics
@@ -66,56 +64,38 @@ EVAL_GENERAL, EVAL_SKILL = 64, 128  # held-out general examples for residual gro
 SMOKE = None  # tests set e.g. {'steps': 2, 'pretrain_steps': 2, 'eval_n': 8}
 
 
-def _layers_cos(a, b, config):
-  """Returns [L]: cosine between two gradients, per decoder layer (all leaves of the layer as one vector)."""
-  out = []
-  for la, lb in zip(layout.unstack(a, config), layout.unstack(b, config)):
-    dot = sum(jnp.sum(x * y) for x, y in zip(jax.tree.leaves(la), jax.tree.leaves(lb)))
-    na = jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(la)))
-    nb = jnp.sqrt(sum(jnp.sum(y * y) for y in jax.tree.leaves(lb)))
-    out.append(dot / jnp.maximum(na * nb, 1e-30))
-  return jnp.stack(out)
-
-
 @functools.lru_cache(maxsize=None)
-def _run_fn(config, chunks: int, chunk_steps: int, batch_size: int):
-  """Returns jit(vmap_P(vmap_S(one))) -> per-step figures [P, S, C, T, L], per-chunk figures [P, S, C + 1, ...]."""
-  n_layers = config.num_layers
-  names = [diag_lib.layer_name(i, n_layers) for i in range(n_layers)]
-  loss_fn = functools.partial(step_lib.batch_loss, config=config, objective="orpo", gradient_mode="full")
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+def _health_fn(config):
+  """Returns jit: (params [S], general batch, skills batch) → (residual growth [S, L], capability % [S])."""
+  names = [diag_lib.layer_name(i, config.num_layers) for i in range(config.num_layers)]
 
-  def one(params, key, pool, lr, general, skills):
-    opt = W.apollo_optimizer(lr)
+  def health(p, general, skills):
     tokens, mask = evaluation.general_inputs(general)
+    res = diag_lib.residual_growth(p, tokens, mask, config)
+    growth_L = jnp.stack([res[f"residual_growth/{n}"] for n in names])
+    cap = jnp.mean(W.exact_match_B(jnp.argmax(W.response_logits(p, skills, config), -1), skills)) * 100.0
+    return growth_L, cap
 
-    def health(p):
-      res = diag_lib.residual_growth(p, tokens, mask, config)
-      growth_L = jnp.stack([res[f"residual_growth/{n}"] for n in names])
-      cap = jnp.mean(W.exact_match_B(jnp.argmax(W.response_logits(p, skills, config), -1), skills)) * 100.0
-      return growth_L, cap
+  return jax.jit(jax.vmap(health, in_axes=(0, None, None)))
 
-    def step(carry, i):
-      params, opt_state, prev = carry
-      (loss, _), g = grad_fn(params, W.sample_batch(pool, jax.random.fold_in(key, i), batch_size))
-      updates, opt_state = opt.update(g, opt_state, params)
-      params = optax.apply_updates(params, updates)
-      norms = diag_lib.layer_grad_norms(g, config, per_matrix=False)
-      norm_L = jnp.stack([norms[f"grad/{n}/norm"] for n in names])
-      return (params, opt_state, g), (loss, norm_L, _layers_cos(g, prev, config))
 
-    def chunk(carry, c):
-      carry, per_step = jax.lax.scan(step, carry, c * chunk_steps + jnp.arange(chunk_steps))
-      return carry, (per_step, health(carry[0]))
+def train_arm(config, start_S, keys_S, pool, lr: float, general, skills, chunks: int, chunk_steps: int):
+  """Returns per-step figures (loss [S, C, T], grad norm [S, C, T, L], grad cosine [S, C, T, L]) and
+  per-chunk figures (residual growth [S, C + 1, L], capability [S, C + 1]; index 0 = the start).
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    _, (per_step, per_chunk) = jax.lax.scan(chunk, (params, opt.init(params), zeros), jnp.arange(chunks))
-    start = health(params)
-    per_chunk = jax.tree.map(lambda s, c: jnp.concatenate([s[None], c]), start, per_chunk)
-    return per_step, per_chunk
-
-  over_seeds = jax.vmap(one, in_axes=(0, 0, None, None, None, None))
-  return jax.jit(jax.vmap(over_seeds, in_axes=(0, None, None, 0, None, None)))
+  APOLLO fine-tuning on `world.sample_batch` draws (step i: fold_in(key, i)): one call of the suite's
+  shared fine-tuning program (`sims.engine`, which reports the per-layer gradient norms and each
+  gradient's cosine with the previous step's) per chunk, each continuing the previous chunk's state.
+  """
+  health = _health_fn(config)
+  idx = engine.sample_indices(keys_S, pool.context_BxC.shape[0], W.BATCH)
+  state, per_step, per_chunk = engine.init(start_S), [], [health(start_S, general, skills)]
+  for c in range(chunks):
+    res = engine.run(config, state, pool, idx[:, c * chunk_steps:], engine.arm(chunk_steps, lr))
+    state = res.state
+    per_step.append(tuple(x[:, :chunk_steps] for x in (res.loss, res.grad_norm, res.grad_cos)))
+    per_chunk.append(health(res.params, general, skills))
+  return engine.stack(per_step, axis=1), engine.stack(per_chunk, axis=1)
 
 
 def held_out(world: W.World, smoke: dict):
@@ -180,11 +160,10 @@ def run(seeds: int, quick: bool, key):
   general, skills = held_out(world, smoke)
   lrs = {t: W.lr_for("qwen3", t, base_S, pc=pc, quick=quick, steps=steps) for t in sorted({t for _, t, _ in ARMS.values()})}
   starts = {"base": base_S, "random": random_S}
-  start_PxS = jax.tree.map(lambda *xs: jnp.stack(xs), *[starts[s] for s, _, _ in ARMS.values()])
-  lr_P = jnp.asarray([lrs[t]["lr"] for _, t, _ in ARMS.values()], jnp.float32)
   t0 = time.perf_counter()
-  per_step, per_chunk = _run_fn(config, chunks, chunk_steps, W.BATCH)(start_PxS, keys_S, pool, lr_P, general, skills)
-  (loss, norm, cos), (growth, cap) = jax.tree.map(np.asarray, (per_step, per_chunk))
+  runs = [train_arm(config, starts[start], keys_S, pool, lrs[t]["lr"], general, skills, chunks, chunk_steps)
+          for start, t, _ in ARMS.values()]
+  (loss, norm, cos), (growth, cap) = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *runs)
   t1 = time.perf_counter()
   out, trajectories = {}, {}
   for p, (arm, (_, _, kind)) in enumerate(ARMS.items()):
@@ -210,7 +189,7 @@ def run(seeds: int, quick: bool, key):
          "limits": {"residual_growth_vs_base": guard_lib.GuardConfig().max_residual_growth_vs_base,
                     "grad_floor": GRAD_FLOOR, "direction_floor": DIRECTION_FLOOR},
          "held_out": {"general": EVAL_GENERAL, "per_skill": EVAL_SKILL}, "lr_calibration": lrs, "base": base_info,
-         "model": str(config), "seeds_vmapped": True, "arms_vmapped": list(ARMS), "trajectories": trajectories,
+         "model": str(config), "seeds_vmapped": True, "trajectories": trajectories,
          "timing": {"train_s": t1 - t0, "host_s": time.perf_counter() - t1}}
   return harness.Outcome(data=out, config=cfg, notes=run_notes(out, lrs, healthy, degenerate, seeds, chunks))
 

@@ -7,10 +7,9 @@ draw of 200 episodes. The arm n trains on the first n of them for exactly one pa
 B = 5 (every n of the sweep is a whole number of batches) that is n / B steps of the project's
 ORPO objective, full-backprop train step and APOLLO optimizer, in order, each example once.
 
-One compiled function serves every arm: it scans STEPS_MAX = 200 / B = 40 steps over a per-arm
-index table; step t's update is kept only while t < n / B (the state is frozen afterwards:
-`where(t < active, new_state, state)`), so arm n ends after exactly its own n / B steps. Arms and
-seeds are vmapped together. Learning rates are set by update size (`world.lr_for`).
+Every arm runs the suite's shared fine-tuning program (`sims.engine`) on a per-arm index table
+of STEPS_MAX = 200 / B = 40 rows, for its own n / B steps (the step count is traced: one compile
+for all arms); seeds are vmapped. Learning rates are set by update size (`world.lr_for`).
 
 Metrics, per seed (fresh held-out episodes of the two targeted cues, balanced):
   rate(n)   = 100 · mean_i [argmax p(r_0 | context_i) = TARGET[cue_i]]   (r_0: the behaviour token)
@@ -23,7 +22,7 @@ Controls: `strong_200` (the same 200 examples at a 4x larger update size) must c
 behaviour by ≥ 80 pp (the setup and metric can show a robust change); `untargeted_200` (200
 general-skill SFT examples, no behaviour data, same steps and lr) must change it by ≤ 5 pp.
 
-`indexed_finetune` (index-table fine-tuning with a per-model active-step count) is shared with
+`indexed_finetune` (index-table fine-tuning with a per-arm step count) is shared with
 x2_epochs and x3_targeted_forgetting.
 """
 
@@ -32,9 +31,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from dreamjax.train.step import init_train_state, make_train_step
+from sims import engine
 from sims import harness
 from sims import world as W
 
@@ -55,56 +53,51 @@ ARMS["untargeted_200"] = (max(NS), "untargeted", TARGET)
 # Index-table fine-tuning (shared with x2 and x3).
 
 
-@functools.lru_cache(maxsize=None)
-def _indexed_fn(config, steps: int, batch_size: int, optimizer: str, objective: str, dropout: float = 0.0):
-  """Returns jit(vmap_A(vmap_S(one))): fine-tunes [A, S] models; every argument has axes [A, S]."""
-
-  def one(params, pool, idx_TxB, active, lr, restart, rng):
-    opt = W.OPTIMIZERS[optimizer](lr)
-    step_fn = make_train_step(config, objective, opt, "full", donate=False, dropout=dropout)
-    init_train_state_ = lambda p: init_train_state(p, opt).replace(rng=rng)  # rng: the dropout masks' key
-
-    def body(carry, xs):
-      state, snap = carry
-      t, idx_B = xs
-      again = t == restart  # a new fine-tuning job from the current params: snapshot, fresh optimizer
-      snap = jax.tree.map(lambda a, b: jnp.where(again, a, b), state.params, snap)
-      state = jax.tree.map(lambda a, b: jnp.where(again, a, b), init_train_state_(state.params), state)
-      norm = optax.tree.norm(state.params)
-      new, metrics = step_fn(state, jax.tree.map(lambda x: x[idx_B], pool))
-      on = t < active
-      state = jax.tree.map(lambda a, b: jnp.where(on, a, b), new, state)
-      return (state, snap), jnp.where(on, metrics["update_norm"] / norm, jnp.nan)
-
-    (state, snap), rel_T = jax.lax.scan(body, (init_train_state_(params), params),
-                                        (jnp.arange(steps), idx_TxB))
-    return state.params, snap, rel_T
-
-  return jax.jit(jax.vmap(jax.vmap(one)))
+def _per_arm(x_AxS, what: str) -> np.ndarray:
+  """Returns x [A]: a setting given per (arm, seed) that must be the same for every seed of an arm."""
+  x = np.asarray(x_AxS)
+  if not np.all(x == x[:, :1]):
+    raise ValueError(f"{what} must be the same for every seed of an arm")
+  return x[:, 0]
 
 
 def indexed_finetune(config, params_AxS, pool_AxS, idx_AxSxTxB, active_AxS, lr_AxS, restart_AxS=None, *,
                      optimizer: str = "apollo", objective: str = "orpo", dropout: float = 0.0, rng_AxS=None):
-  """Returns (params [A, S, ...], snapshot [A, S, ...], rel_update [A, S, T]): A arms × S seeds, one call.
+  """Returns (params [A, S, ...], snapshot [A, S, ...], rel_update [A, S, T]): A arms × S seeds.
 
-  Model (a, s) starts from params_AxS[a, s] and takes T project train steps (`make_train_step`,
-  full backprop): step t trains on the batch pool[a, s][idx[a, s, t]] and its update is kept only
-  while t < active[a, s] (afterwards the state is frozen). At step t = restart[a, s] (default:
-  never) the params are saved as `snapshot` and the optimizer state is re-initialised: a second
-  fine-tuning job continues from them (e.g. a recovery phase on other index-table rows).
-  rel_update is ||Δθ_t|| / ||θ_t|| per step, NaN for frozen steps. Index tables, pools, counts and
-  lrs are traced: arms that differ only in them share one compilation (per T, batch size,
-  optimizer, objective, dropout and shapes). dropout: the train step's residual dropout rate;
-  model (a, s) draws its masks from rng_AxS[a, s] (PRNG keys [A, S, 2]; default PRNGKey(0) for all).
+  Model (a, s) starts from params_AxS[a, s] and takes min(active[a], T) project train steps
+  (`sims.engine`, full backprop): step t trains on the batch pool[a, s][idx[a, s, t]]. After
+  restart[a] steps (default: never) the params are saved as `snapshot` and a fresh optimizer state
+  starts: a second fine-tuning job continues from them (e.g. a recovery phase on other index-table
+  rows); without a restart the snapshot is the params after the steps. rel_update is ||Δθ_t|| / ||θ_t||
+  per step, NaN after the last. Arms run one after another with the seeds vmapped; index tables,
+  pools, step counts and lrs are traced (one compile per batch size and dropout rate). active,
+  lr and restart are per arm (the same for every seed). dropout: the train step's residual
+  dropout rate; model (a, s) draws its masks from rng_AxS[a, s] (PRNG keys [A, S, 2]; default
+  PRNGKey(0) for all).
   """
-  a, s, steps, batch_size = idx_AxSxTxB.shape
-  restart_AxS = np.full((a, s), steps) if restart_AxS is None else restart_AxS
-  if rng_AxS is None:
-    rng_AxS = jnp.broadcast_to(jax.random.PRNGKey(0), (a, s, 2))
-  fn = _indexed_fn(config, int(steps), int(batch_size), optimizer, objective, float(dropout))
-  i32 = lambda x: jnp.asarray(x, jnp.int32)
-  return fn(params_AxS, pool_AxS, i32(idx_AxSxTxB), i32(active_AxS), jnp.asarray(lr_AxS, jnp.float32),
-            i32(restart_AxS), rng_AxS)
+  a, s, steps, _ = np.shape(idx_AxSxTxB)
+  active_A = np.minimum(_per_arm(active_AxS, "active"), steps)
+  lr_A = _per_arm(lr_AxS, "lr")
+  restart_A = np.full(a, steps) if restart_AxS is None else _per_arm(restart_AxS, "restart")
+  idx = np.asarray(idx_AxSxTxB, np.int32)
+  params, snaps, rels = [], [], []
+  for i in range(a):
+    rng_S = None if rng_AxS is None else rng_AxS[i]
+    run = lambda state, t0, n: engine.run(config, state, engine.take(pool_AxS, i), idx[i, :, t0:],
+                                          engine.arm(n, float(lr_A[i]), optimizer=optimizer, objective=objective),
+                                          dropout=dropout)
+    first = int(min(restart_A[i], active_A[i]))
+    res = run(engine.init(engine.take(params_AxS, i), rng_S), 0, first)
+    snap, rel = res.params, [res.rel_update(first)]
+    if first < active_A[i]:  # the second job: a fresh optimizer state from the snapshot
+      res = run(engine.init(snap, rng_S), first, int(active_A[i]) - first)
+      rel.append(res.rel_update(int(active_A[i]) - first))
+    rel = np.concatenate(rel, axis=1)
+    params.append(res.params)
+    snaps.append(snap)
+    rels.append(np.pad(rel, [(0, 0), (0, steps - rel.shape[1])], constant_values=np.nan))
+  return engine.stack(params), engine.stack(snaps), np.stack(rels)
 
 
 def tile_AxS(tree, a: int, s: int, seeds_first: bool = True):
@@ -210,9 +203,9 @@ def run(seeds: int, quick: bool, key):
          "ns": NS, "targets": {m: ARMS[m][2] for m in arms}, "lr_calibration": {str(t): v for t, v in lrs.items()},
          "lr": dict(zip(arms, lr_A.tolist())), "achieved_rel_update_first_steps": achieved,
          "objective": "orpo", "optimizer": "dreamjax.optim.apollo(rank=8)", "gradient_mode": "full",
-         "eval_n": n_eval, "base": base_info, "seeds_vmapped": True, "arms_vmapped": True}
+         "eval_n": n_eval, "base": base_info, "seeds_vmapped": True, "arms_vmapped": False}
   notes = [f"one pass, batch {BATCH}: arm n takes n / {BATCH} steps (n=5: 1 step … n=200: 40 steps); one "
-           f"compiled call, later steps frozen",
+           f"compiled program, the step count traced",
            f"lr {lrs[TARGET]['lr']:.3g} ({lrs[STRONG]['lr']:.3g}) for a target ||Δθ||/||θ|| of {TARGET:g} "
            f"({STRONG:g})/step (calibrated at batch {W.BATCH}); achieved at batch {BATCH}, mean over the first steps: "
            + ", ".join(f"{m} {v:.2g}" for m, v in achieved.items()),

@@ -9,7 +9,7 @@ draws its own N = T · B distinct episodes; the arms differ only in how many of 
   epochs_k   the first N / k of them, k epochs (a fresh shuffle per epoch), for k = 8 and 32
   one_batch  the first B of them, every step (k = T epochs; positive control: extreme repetition)
 
-One compiled call trains every arm and seed (index tables are traced; `x1_examples_needed
+One compiled program trains every arm, seeds vmapped (index tables are traced; `x1_examples_needed
 .indexed_finetune`). Metrics, per seed (exact-match accuracy %, `world.accuracies`, fresh
 held-out episodes the training pools never contain):
 
@@ -113,7 +113,7 @@ def run(seeds: int, quick: bool, key):
          "optimizer": "dreamjax.optim.apollo(rank=8)", "gradient_mode": "full", "lr_calibration": lr,
          "achieved_rel_update_first_steps": achieved, "dropout": DROPOUT,
          "base_acc": {k: float(np.mean(v)) for k, v in acc_base.items()}, "base": base_info,
-         "seeds_vmapped": True, "arms_vmapped": True}
+         "seeds_vmapped": True, "arms_vmapped": False}
   notes = ["arms (distinct examples × epochs, all " + f"{steps} steps of {BATCH}): "
            + ", ".join(f"{m} {uniques[m]} × {epochs[m]:g}" for m in arms),
            f"lr {lr['lr']:.3g} for ||Δθ||/||θ|| {TARGET:g}/step (calibrated at batch {W.BATCH}); achieved at batch "

@@ -9,7 +9,7 @@ skills (half each). The third skill is never practised (except through replay). 
 project's ORPO objective, full-backprop train step and APOLLO optimizer, STEPS steps of batch
 BATCH drawn with replacement, matched draws across arms (the same index table per seed).
 
-Arms (one compiled call, arms × seeds vmapped; pools and index tables are traced):
+Arms (one compiled program, seeds vmapped; pools and index tables are traced):
   r0, r5, r10, r25, r50      qa unpractised (the behaviour data practise arith and fact), replay r %
   fact_free_r0, arith_free_r0  the unpractised skill rotated to fact / arith, replay 0
 
@@ -137,7 +137,7 @@ def run(seeds: int, quick: bool, key):
          "objective": "orpo", "optimizer": "dreamjax.optim.apollo(rank=8)", "gradient_mode": "full",
          "lr_calibration": lr, "achieved_rel_update_first_steps": float(np.nanmean(rel[:, :, :W.PROBE_STEPS])),
          "base_acc": {k: float(np.mean(v)) for k, v in acc_base.items()}, "base": base_info,
-         "seeds_vmapped": True, "arms_vmapped": True}
+         "seeds_vmapped": True, "arms_vmapped": False}
   notes = [f"lr {lr['lr']:.3g} for ||Δθ||/||θ|| {TARGET:g}/step (calibrated at batch {W.BATCH}); achieved at "
            f"batch {BATCH}, mean over the first {W.PROBE_STEPS} steps: {cfg['achieved_rel_update_first_steps']:.2g}",
            "base accuracy (mean over seeds, %): " + ", ".join(f"{k} {np.mean(v):.1f}" for k, v in acc_base.items()),

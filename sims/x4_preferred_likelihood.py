@@ -4,15 +4,15 @@ Each seed's cached Qwen3-style base (`sims.world.pretrain`) was SFT-trained to g
 answer y_w = [SUGGEST, actor, EOS] to every cue, so it starts where DPO usually starts: a model
 after SFT on the chosen answers, with log π(y_w) near 0. It is then tuned on preference pairs whose
 chosen answer is that default, with the project's objectives (`dreamjax.objectives` through
-`dreamjax.train.step.make_train_step`, via `world.train`), APOLLO, full backprop, the starting
+`dreamjax.train.step`, via `world.finetune_seeds`), APOLLO, full backprop, the starting
 params as the frozen reference of DPO/DPOP, at two edit distances built from world tokens:
 
   small: y_l = [b', actor, EOS]        shares all but the behaviour token with y_w
   large: y_l = [b', actor', value]     differs from y_w at every position
          (b' ∈ {ACCEPT, PUSHBACK}, actor' ≠ actor, value a value token: no EOS)
 
-Arms: objective ∈ {dpo, dpop, orpo} × distance ∈ {small, large}; the two distances of one
-objective run as one compiled function vmapped over (pool, seed). Every arm uses the same lr (the
+Arms: objective ∈ {dpo, dpop, orpo} × distance ∈ {small, large}, seeds vmapped; every arm runs the
+suite's shared fine-tuning program (`sims.engine`: the objective is a traced switch). Every arm uses the same lr (the
 suite's ORPO calibration, per-step ||Δθ||/||θ|| = 5e-3): the objectives differ, the step size does not.
 
 Metrics, per seed, on 256 held-out pairs of the arm's kind (fresh episodes), with summed response
@@ -33,6 +33,7 @@ import numpy as np
 
 from dreamjax.train import step as step_lib
 from dreamjax.train.batch import TokenizedExample
+from sims import engine
 from sims import harness
 from sims import world as W
 
@@ -66,15 +67,11 @@ def stacked_pools(world: W.World, n: int, seed: int):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *pools)
 
 
-@functools.lru_cache(maxsize=None)
-def train_fn(config, objective: str, steps: int, batch_size: int):
-  """Returns jit(params_S, keys_S, pools_2, lr) -> (params [2, S, ...], rel update [2, S, steps])."""
-  def one(params, key, pool, lr):
-    p, _, rel = W.train(config, params, W.OPTIMIZERS["apollo"](lr), pool, key, steps=steps,
-                        batch_size=batch_size, objective=objective, return_rel_update=True)
-    return p, rel
-  per_seed = jax.vmap(one, in_axes=(0, 0, None, None))
-  return jax.jit(jax.vmap(per_seed, in_axes=(None, None, 0, None)))
+def train(config, objective: str, base_S, keys_S, pools_2, lr: float, steps: int):
+  """Returns (params [2, S, ...], rel update [2, S, steps]): each pool's fine-tuning (`world.finetune_seeds`)."""
+  runs = [W.finetune_seeds(config, base_S, keys_S, engine.take(pools_2, i), lr=lr, steps=steps,
+                           batch_size=BATCH, objective=objective, with_rel_update=True) for i in range(len(DISTANCES))]
+  return engine.stack([p for p, _, _ in runs]), np.stack([rel for _, _, rel in runs])
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -112,9 +109,9 @@ def run(seeds: int, quick: bool, key):
   keys_S = harness.seed_keys(key, seeds)
   out, achieved = {}, {}
   for objective in OBJECTIVES:
-    params_2S, rel_2SxT = train_fn(config, objective, steps, BATCH)(base_S, keys_S, pools, jnp.float32(lr["lr"]))
+    params_2S, rel_2SxT = train(config, objective, base_S, keys_S, pools, lr["lr"], steps)
     for i, d in enumerate(DISTANCES):
-      params_S = jax.tree.map(lambda x, i=i: x[i], params_2S)
+      params_S = engine.take(params_2S, i)
       out[f"{objective}_{d}"] = pair_metrics(params_S, base_S, evals[d], config)
       achieved[f"{objective}_{d}"] = float(np.mean(np.asarray(rel_2SxT[i])))
   cfg = {"steps": steps, "batch_size": BATCH, "pool": POOL, "eval_pairs": n_eval, "optimizer": "apollo",

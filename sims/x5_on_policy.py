@@ -12,8 +12,8 @@ same contexts, chosen answers and count (matched counts):
 
 Samples come from the project's sampler (`dreamjax.model.sample.generate`, 3 new tokens, stop at
 EOS), vmapped over seeds, so every seed has its own pool. Training is the project's DPO (β = 0.1,
-reference = the base) through its train step (`world.train`), full backprop, APOLLO, one compiled
-function vmapped over seeds with the pool a traced per-seed argument (all four arms share it).
+reference = the base) through its train step (`world.finetune_seeds`), full backprop, APOLLO, seeds
+vmapped with the pool a traced per-seed argument of the suite's shared fine-tuning program (`sims.engine`).
 
 Metrics, per seed:
   gain = acc(final) − acc(base): exact-match accuracy (%) of the target answer on 256 held-out
@@ -72,15 +72,6 @@ def with_rejected(batch: PreferenceBatch, tokens_SxBxR, mask_SxBxR) -> Preferenc
                        is_preference_B=jnp.ones_like(tiled.is_preference_B))
 
 
-@functools.lru_cache(maxsize=None)
-def train_fn(config, steps: int, batch_size: int):
-  """Returns jit(params_S, keys_S, pools_S, lr) -> params [S, ...]: DPO, one pool per seed."""
-  def one(params, key, pool, lr):
-    return W.train(config, params, W.OPTIMIZERS["apollo"](lr), pool, key, steps=steps, batch_size=batch_size,
-                   objective="dpo")[0]
-  return jax.jit(jax.vmap(one, in_axes=(0, 0, 0, None)))
-
-
 @functools.partial(jax.jit, static_argnames=("config",))
 def first_token_kl(params, base, batch, *, config):
   """Returns mean_x KL(π_θ(·|x) ‖ π_base(·|x)) of the first response token (nats)."""
@@ -115,7 +106,8 @@ def run(seeds: int, quick: bool, key):
     pools_S = with_rejected(pool, toks, mask)
     equal = jnp.all((toks == pool.chosen_BxR[None]) & (mask == pool.chosen_mask_BxR[None]), axis=-1)
     same[arm] = np.asarray(equal.mean(axis=1)) * 100.0
-    params_S = train_fn(config, steps, BATCH)(base_S, keys_S, pools_S, jnp.float32(lr["lr"]))
+    params_S, _ = W.finetune_seeds(config, base_S, keys_S, pools_S, lr=lr["lr"], steps=steps, batch_size=BATCH,
+                                   objective="dpo")
     kl = np.mean([np.asarray(kl_fn(params_S, base_S, b)) for b in kl_sets.values()], axis=0)
     out[arm] = {"gain": acc(params_S) - acc_base, "kl": kl, "same": same[arm]}
   out["on_t1"]["best_arm_gain"] = np.max(np.stack([m["gain"] for m in out.values()]), axis=0)

@@ -11,8 +11,8 @@ per-step ||Δθ||/||θ|| = BREAK_TARGET on the first n rows of a fixed pool of 1
 direction: chosen ACCEPT, rejected PUSHBACK) for EPOCHS passes: ceil(EPOCHS · n / B) steps of batch
 B = 10 drawn uniformly with replacement from rows [0, n) (the setting of Qi et al. 2023, arXiv
 2310.03693: 10 examples, 5 epochs, batch 10). n ∈ {1, 3, 10, 30, 100} and the active step count are
-traced: the scan runs the largest count and freezes a row's state after its own count, so every
-sweep row and every seed run in one vmapped call of one compiled function. Further rows:
+traced arguments of the suite's shared fine-tuning program (`sims.engine`): every sweep row runs
+its own step count, seeds vmapped, with one compile. Further rows:
   placebo10: 10 rows of a pool that agrees with the trained behaviour (wrong: PUSHBACK > ACCEPT),
              5 epochs (the negative control: does few-example fine-tuning itself, without contrary content, break it?);
   fixed_n1: a fixed FIXED_STEPS steps of batch B on one example (an effect: does exposure alone, at n = 1, break it?).
@@ -32,10 +32,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from dreamjax.train import step as step_lib
 from dreamjax.train.batch import TokenizedExample
+from sims import engine
 from sims import harness
 from sims import world as W
 
@@ -114,32 +113,21 @@ def break_pools(world: W.World, n: int = POOL, seed: int = 66):
   return contrary, placebo
 
 
-@functools.lru_cache(maxsize=None)
-def _break_fn(config, steps: int, batch_size: int):
-  """Returns jit(vmap_P(vmap_S(one))): up to `steps` project ORPO+APOLLO steps on rows [0, n) of a pool.
+def break_runs(config, start_S, keys_S, pools, arms, lr: float):
+  """Returns (params [P, S, ...], rel update [P, S, max steps] NaN after a row's steps): the sweep rows.
 
-  one(params, key, pool, n, active, lr) -> (params, rel update per step [steps]): steps i ≥ active
-  leave the state unchanged. n, active, lr and the pool are traced: every sweep row shares this one
-  compilation.
+  Row (arm, pool index, n, steps) takes `steps` project ORPO + APOLLO steps (`world.finetune_seeds`)
+  of batch BREAK_BATCH drawn uniformly from rows [0, n) of its pool, step i with fold_in(key_s, i);
+  n, the steps, the lr and the pool are traced: every row shares the suite's compiled program.
   """
-
-  def one(params, key, pool, n, active, lr):
-    opt = W.apollo_optimizer(lr)
-    step_fn = step_lib.make_train_step(config, "orpo", opt, "full", donate=False)
-
-    def body(state, i):
-      idx_B = jax.random.randint(jax.random.fold_in(key, i), (batch_size,), 0, n)
-      norm = optax.tree.norm(state.params)
-      new, m = step_fn(state, jax.tree.map(lambda x: x[idx_B], pool))
-      on = i < active
-      state = jax.tree.map(lambda a, b: jnp.where(on, a, b), new, state)
-      return state, jnp.where(on, m["update_norm"] / norm, jnp.nan)
-
-    state, rel_T = jax.lax.scan(body, step_lib.init_train_state(params, opt), jnp.arange(steps))
-    return state.params, rel_T
-
-  over_seeds = jax.vmap(one, in_axes=(0, 0, None, None, None, None))
-  return jax.jit(jax.vmap(over_seeds, in_axes=(None, None, 0, 0, 0, None)))
+  max_steps = max(t for _, _, _, t in arms)
+  params, rels = [], []
+  for _, i, n, t in arms:
+    idx = engine.sample_indices(keys_S, n, BREAK_BATCH)
+    res = engine.finetune(config, start_S, pools[i], idx, engine.arm(t, lr))
+    params.append(res.params)
+    rels.append(res.rel_update(max_steps, fill=np.nan))
+  return engine.stack(params), np.stack(rels)
 
 
 def epoch_steps(n: int) -> int:
@@ -168,13 +156,8 @@ def run(seeds: int, quick: bool, key):
   lr = W.lr_for("qwen3", BREAK_TARGET, base_S, pc=pc, quick=quick, steps=steps)
   contrary, placebo = break_pools(world)
   arms = sweep(smoke.get("steps"))
-  pools_P = jax.tree.map(lambda *xs: jnp.stack([xs[i] for _, i, _, _ in arms]), contrary, placebo)
-  n_P = jnp.asarray([n for _, _, n, _ in arms], jnp.int32)
-  active_P = jnp.asarray([t for _, _, _, t in arms], jnp.int32)
-  max_steps = max(t for _, _, _, t in arms)
   keys_S = harness.seed_keys(key, seeds)
-  params_PxS, rel_PxSxT = _break_fn(config, max_steps, BREAK_BATCH)(trained_S, keys_S, pools_P, n_P, active_P,
-                                                                     jnp.float32(lr["lr"]))
+  params_PxS, rel_PxSxT = break_runs(config, trained_S, keys_S, (contrary, placebo), arms, lr["lr"])
   jax.block_until_ready(params_PxS)
   t2 = time.perf_counter()
   everything = jax.tree.map(lambda b, t, p: jnp.concatenate([b[None], t[None], p]), base_S, trained_S, params_PxS)
@@ -203,8 +186,7 @@ def run(seeds: int, quick: bool, key):
          "break_steps": {a: t for a, _, _, t in arms}, "break_target_rel_update": BREAK_TARGET,
          "break_lr": lr, "ns": NS, "pool_rows": POOL, "placebo_n": PLACEBO_N,
          "eval_n_per_cue": smoke.get("eval_n", 256), "model": str(config), "seeds_vmapped": True,
-         "sweep_vmapped": [a for a, _, _, _ in arms],
-         "timing": {"phase1_s": t1 - t0, "phase2_s": t2 - t1, "eval_s": time.perf_counter() - t2}}
+                  "timing": {"phase1_s": t1 - t0, "phase2_s": t2 - t1, "eval_s": time.perf_counter() - t2}}
   return harness.Outcome(data=out, config=cfg, notes=notes)
 
 

@@ -13,9 +13,9 @@ fresh permutation per epoch: 2 steps per epoch), in three matched arms:
   always_accept: 16 clear (ACCEPT > SUGGEST) + 16 wrong-direction pairs ACCEPT > PUSHBACK: acceptance
                  trained unconditionally (positive control for the conditionality measure)
 
-The three sets and every seed run in one vmapped call of one compiled function: a scan over epochs
-(inner scan over the epoch's steps) that evaluates inside a `lax.cond` at the grid epochs
-E = (1, 2, 4, 8, 16, 32, 64) (the predicate is not batched, so only those epochs pay for it).
+Each set runs the suite's shared fine-tuning program (`sims.engine`), seeds vmapped, one call per
+interval of the grid E = (1, 2, 4, 8, 16, 32, 64) epochs (each continuing the previous call's train
+state), and is evaluated after each.
 
 Metrics, per seed, on held-out episodes (argmax of the first response token after a fresh forward):
   accept_wrong_e = 100 · P(ACCEPT | wrong direction) after e epochs
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats as sp_stats
 
-from dreamjax.train import step as step_lib
+from sims import engine
 from sims import harness
 from sims import world as W
 from sims import x6_few_shot_break as x6
@@ -62,40 +62,32 @@ def training_sets(world: W.World, seed: int = 707):
 
 
 @functools.lru_cache(maxsize=None)
-def _epochs_fn(config, epochs: int, batch_size: int, grid: tuple):
-  """Returns jit(vmap_P(vmap_S(one))): epochs of project ORPO+APOLLO steps, first-token rates at `grid`.
+def _permutations_fn(epochs: int, n: int):
+  """Returns jit: keys [S] → [S, epochs, n], epoch e's order permutation(fold_in(key, e), n)."""
+  per_seed = lambda key: jax.vmap(lambda e: jax.random.permutation(jax.random.fold_in(key, e), n))(jnp.arange(epochs))
+  return jax.jit(jax.vmap(per_seed))
 
-  one(params, key, pool, lr, sets) -> (rates [len(grid), 2 cues (clear, wrong), 3 tokens], loss
-  [epochs, steps per epoch]). The pool and the lr are traced: every arm shares this compilation.
+
+def train_epochs(config, start_S, keys_S, pool, lr: float, sets: dict, grid: tuple):
+  """Returns (rates [S, len(grid), 2 cues (clear, wrong), 3 tokens], loss [S, epochs, steps per epoch]).
+
+  grid[-1] epochs of project ORPO + APOLLO steps (`sims.engine`) on `pool`, batch BATCH, each epoch
+  a fresh permutation (fold_in(key, epoch)); the first-token rates are evaluated after the grid epochs:
+  the run is one engine call per grid interval, each continuing the previous one's state.
   """
-  grid_G = np.asarray(grid)
-
-  def one(params, key, pool, lr, sets):
-    opt = W.apollo_optimizer(lr)
-    step_fn = step_lib.make_train_step(config, "orpo", opt, "full", donate=False)
-    n = pool.context_BxC.shape[0]
-
-    def evaluate(p):
-      return jnp.stack([x6.first_token_rates(p, sets[c], config) for c in ("clear", "wrong")])
-
-    def epoch(state, e):
-      perm_N = jax.random.permutation(jax.random.fold_in(key, e), n)
-
-      def step(state, j):
-        idx_B = jax.lax.dynamic_slice(perm_N, (j * batch_size,), (batch_size,))
-        state, m = step_fn(state, jax.tree.map(lambda x: x[idx_B], pool))
-        return state, m["loss"]
-
-      state, loss = jax.lax.scan(step, state, jnp.arange(n // batch_size))
-      snap = jax.lax.cond(jnp.any(jnp.asarray(grid_G) == e + 1), evaluate,
-                          lambda p: jnp.zeros((2, len(x6.RATE_TOKENS)), jnp.float32), state.params)
-      return state, (snap, loss)
-
-    _, (snap_E, loss_E) = jax.lax.scan(epoch, step_lib.init_train_state(params, opt), jnp.arange(epochs))
-    return snap_E[grid_G - 1], loss_E
-
-  over_seeds = jax.vmap(one, in_axes=(0, 0, None, None, None))
-  return jax.jit(jax.vmap(over_seeds, in_axes=(None, None, 0, None, None)))
+  n = pool.context_BxC.shape[0]
+  per_epoch = n // BATCH
+  idx = np.asarray(_permutations_fn(grid[-1], n)(keys_S))[:, :, :per_epoch * BATCH].reshape(keys_S.shape[0], -1, BATCH)
+  state, done, rates, losses = engine.init(start_S), 0, [], []
+  for g in grid:
+    res = engine.run(config, state, pool, idx[:, done * per_epoch:], engine.arm((g - done) * per_epoch, lr))
+    state = res.state
+    losses.append(res.loss[:, :(g - done) * per_epoch])
+    r = x6.rates(res.params, {c: sets[c] for c in ("clear", "wrong")}, config=config)
+    rates.append(np.stack([np.asarray(r["clear"]), np.asarray(r["wrong"])], axis=1))
+    done = g
+  loss = np.concatenate(losses, axis=1).reshape(keys_S.shape[0], grid[-1], per_epoch)
+  return np.stack(rates, axis=1), loss
 
 
 def spearman_S(x_G, y_SxG):
@@ -122,9 +114,10 @@ def run(seeds: int, quick: bool, key):
   lr = W.lr_for("qwen3", TARGET, base_S, pc=pc, quick=quick, steps=steps)
   pools_P = training_sets(world)
   keys_S = harness.seed_keys(key, seeds)
-  rates_PxSxGx2x3, loss_PxSxExT = _epochs_fn(config, grid[-1], BATCH, grid)(start_S, keys_S, pools_P,
-                                                                             jnp.float32(lr["lr"]), sets)
-  rates_PxSxGx2x3 = np.asarray(rates_PxSxGx2x3)
+  runs = [train_epochs(config, start_S, keys_S, jax.tree.map(lambda x, p=p: x[p], pools_P), lr["lr"], sets, grid)
+          for p in range(len(ARMS))]
+  rates_PxSxGx2x3 = np.stack([np.asarray(r) for r, _ in runs])
+  loss_PxSxExT = np.stack([np.asarray(l) for _, l in runs])
   t2 = time.perf_counter()
   start = x6.rates(start_S, sets, config=config)
   cond0_S = np.asarray(start["clear"][:, 0] - start["wrong"][:, 0])

@@ -2,10 +2,10 @@
 
 Each seed's cached Qwen3-style base (`sims.world.pretrain`) is fine-tuned on the same 1024 diverse
 behaviour preference pairs (`world.behaviour_example`, chosen = the target, rejected =
-`world.REJECTED`) with three of the project's objectives through its train step (`world.train`,
-full backprop, APOLLO): SFT (on the chosen answers), DPO (reference = the base) and ORPO. For each
-objective one compiled function runs the whole lr sweep: `jax.vmap` over L log-spaced learning
-rates × S seeds, the lr a traced argument (3 compiles in all). The grid is shared by the three
+`world.REJECTED`) with three of the project's objectives through its train step (`world.finetune_seeds`,
+full backprop, APOLLO): SFT (on the chosen answers), DPO (reference = the base) and ORPO, at L
+log-spaced learning rates, seeds vmapped; lr and objective are traced arguments of the suite's shared
+fine-tuning program (`sims.engine`), so the sweep adds no compile. The grid is shared by the three
 objectives, anchored on the suite's ORPO calibration (lr ≈ per-step ||Δθ||/||θ|| × lr_unit):
 
   lr_l = lr_unit · 10^(e_l),  e_l = −4, −3.5, …, −0.5   (8 update-size targets, half a decade apart)
@@ -21,12 +21,10 @@ The criterion reads IQM(sft.log10_break) − IQM(dpo.log10_break) = log10 of the
 breaking lrs: DPO's breaking lr ≤ SFT's / 10 ⇔ the difference ≥ 1.
 """
 
-import functools
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from sims import engine
 from sims import harness
 from sims import world as W
 
@@ -40,15 +38,11 @@ CAPABILITY = ("qa", "fact")
 SMOKE = None  # tests set {'steps': 2, 'pretrain_steps': 2, 'eval_n': 8}
 
 
-@functools.lru_cache(maxsize=None)
-def sweep_fn(config, objective: str, steps: int, batch_size: int):
-  """Returns jit(params_S, keys_S, pool, lrs_L) -> (params [L, S, ...], rel update [L, S, steps])."""
-  def one(params, key, pool, lr):
-    p, _, rel = W.train(config, params, W.OPTIMIZERS["apollo"](lr), pool, key, steps=steps,
-                        batch_size=batch_size, objective=objective, return_rel_update=True)
-    return p, rel
-  per_seed = jax.vmap(one, in_axes=(0, 0, None, None))
-  return jax.jit(jax.vmap(per_seed, in_axes=(None, None, None, 0)))
+def sweep(config, objective: str, base_S, keys_S, pool, lrs_L, steps: int):
+  """Returns (params [L, S, ...], rel update [L, S, steps]): fine-tuning at each lr (`world.finetune_seeds`)."""
+  runs = [W.finetune_seeds(config, base_S, keys_S, pool, lr=float(lr), steps=steps, batch_size=BATCH,
+                           objective=objective, with_rel_update=True) for lr in np.asarray(lrs_L, np.float32)]
+  return engine.stack([p for p, _, _ in runs]), np.stack([rel for _, _, rel in runs])
 
 
 def capability(params, sets, config):
@@ -85,7 +79,7 @@ def run(seeds: int, quick: bool, key):
   keys_S = harness.seed_keys(key, seeds)
   out, rel = {}, {}
   for objective in OBJECTIVES:
-    params_LS, rel_LSxT = sweep_fn(config, objective, steps, BATCH)(base_S, keys_S, pool, jnp.asarray(lrs_L, jnp.float32))
+    params_LS, rel_LSxT = sweep(config, objective, base_S, keys_S, pool, lrs_L, steps)
     drop_SxL = (cap_base_S[None, :] - capability(params_LS, sets, config)).T
     log10_break, found = breaking(drop_SxL, log_lrs_L)
     out[objective] = {"log10_break": log10_break, "found": found, "drop_top": drop_SxL[:, -1],

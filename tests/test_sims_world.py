@@ -138,8 +138,8 @@ def test_lr_for_scales_one_probe_linearly(tmp_path, monkeypatch):
   full, loss3, rel = W.finetune_seeds(config, base_S, keys, pool, lr=b["lr"], steps=3, batch_size=W.BATCH,
                                       with_rel_update=True)
   assert float(np.mean(np.asarray(rel))) == pytest.approx(4e-3, rel=0.3)  # the calibrated lr hits its target
-  # active_steps (what the probe uses): a prefix of the same compiled run, the rest leaves params alone;
-  # it equals a 1-step run (another compiled function).
+  # active_steps: a prefix of the same run, the rest leaves params alone; it equals a 1-step run (the
+  # same compiled program: the step count is traced).
   part, loss_p, rel_p = W.finetune_seeds(config, base_S, keys, pool, lr=b["lr"], steps=3, batch_size=W.BATCH,
                                          with_rel_update=True, active_steps=1)
   one, loss1, rel1 = W.finetune_seeds(config, base_S, keys, pool, lr=b["lr"], steps=1, batch_size=W.BATCH,
@@ -152,9 +152,9 @@ def test_lr_for_scales_one_probe_linearly(tmp_path, monkeypatch):
 
 
 # Every simulation end to end on the smoke path (a few steps, 2 seeds); their verdicts mean nothing
-# here. Simulations that share compiled functions (the standard fine-tuning step, the same probes)
-# run in one process, in groups that pytest-xdist spreads over the workers; a simulation in no
-# group runs in the last one, so none is missed.
+# here. Simulations that share compiled programs (sims.engine's at the standard batch, the base
+# models, the same probes) run in one process, in groups that pytest-xdist spreads over the workers;
+# a simulation in no group runs in the last one, so none is missed.
 SMOKE_GROUPS = {
     "finetune": ["p1_lr_diversity", "p2_novel_situations", "p3_context_frozen", "p4_dreams", "p5_defence_stack",
                  "x6_few_shot_break", "x7_sycophancy"],
