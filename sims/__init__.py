@@ -8,6 +8,9 @@
 - `sims/stats.py`: IQM, stratified bootstrap intervals, probability of improvement, and the
   pre-registered decision rules (`Effect`, `Criterion`, `Control`) with their verdicts.
 - `sims/report.py`: REPORT.md and figures from results.json alone (`python -m sims.report DIR`).
+- `sims/world.py`: the synthetic token world, the tiny models, their cached base models and lr
+  calibration; `sims/engine.py`: the one fine-tuning program every simulation trains with (one
+  compile per model config, gradient mode, batch size and dropout; every arm setting traced).
 - `sims/sim_selftest.py`: the harness self-check (a synthetic effect of known sign), not a
   prediction.
 

@@ -4,14 +4,14 @@ One compiled program per (model config, gradient mode, batch size, dropout rate)
 structure. Everything else an arm changes is a traced argument, so arms and simulations share it:
 
   per seed (vmapped):  the train state (`State`: params, every optimizer's state, step, rng, last
-                       gradient), the reference model (DPO / DPOP), the example pool (padded to P_CAP
-                       rows) and the batch index table [T_CAP, B]: which pool rows step t trains on
-                       (the batch composition; `sample_indices` draws `world.sample_batch`'s rows);
+                       gradient), the example pool (padded to P_CAP rows) with the reference model's
+                       log-probs of its rows (DPO / DPOP; computed once per call, `reference_logprobs`)
+                       and the batch index table [T_CAP, B]: which pool rows step t trains on (the
+                       batch composition; `sample_indices` draws `world.sample_batch`'s rows);
   per call (`Arm`):    the number of steps (a `while_loop` trip count: steps after it are not
                        computed), the lr and its linear warm-up, the optimizer (a `lax.switch` over
-                       OPTIMIZERS), the objective (a `lax.switch` over OBJECTIVES; the reference pass
-                       runs under a `lax.cond` only for those that use it) and whether ORPO's NLL also
-                       covers the prompt tokens (full mode).
+                       OPTIMIZERS), the objective (a `lax.switch` over OBJECTIVES) and whether ORPO's
+                       NLL also covers the prompt tokens (full mode).
 
 The per-call settings are the same for every seed (unbatched under the seed vmap), so the switches
 stay real branches: a call computes only its own optimizer and objective. A call continues from the
@@ -22,12 +22,16 @@ A step is the project's train step (`dreamjax.train.step`): the policy log-probs
 mode, `loss_from_logprobs` of the objective, the optimizer update. What it computes beyond
 `make_train_step` is either unused (full mode always scores the prompt tokens; their NLL enters the
 loss only with nll_on_prompt; SFT ignores the rejected responses it scores) or a per-step figure
-(per-layer gradient norms and their cosine with the previous step's gradient).
+(per-layer gradient norms and their cosine with the previous step's gradient). It agrees with
+`make_train_step` to float32 round-off, not bit for bit: with the optimizer switch XLA fuses the
+gradient's computation differently (with one optimizer the params were bit-identical; the per-step
+loss and norms differed in the last bit either way).
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -38,7 +42,6 @@ import optax
 from dreamjax import objectives as obj
 from dreamjax import optim
 from dreamjax.model import ModelConfig, layout
-from dreamjax.train import diagnostics as diag_lib
 from dreamjax.train import step as step_lib
 from dreamjax.train.batch import PreferenceBatch
 from dreamjax.train.step import TrainState
@@ -89,11 +92,11 @@ class Result(NamedTuple):
   """What `run` returns: the states and per-step figures [S, T_CAP, ...] (numpy; 0 after the last step)."""
 
   state: State
-  loss: jax.Array  # the batch loss
-  update_norm: jax.Array  # ||Δθ_t||
-  param_norm: jax.Array  # ||θ_t|| before step t
-  grad_norm: jax.Array  # [S, T_CAP, L]: per-layer gradient norm (`diagnostics.layer_grad_norms`)
-  grad_cos: jax.Array  # [S, T_CAP, L]: per-layer cosine of the gradient with the previous step's
+  loss: np.ndarray  # the batch loss
+  update_norm: np.ndarray  # ||Δθ_t||
+  param_norm: np.ndarray  # ||θ_t|| before step t
+  grad_norm: np.ndarray  # [S, T_CAP, L]: per-layer gradient norm
+  grad_cos: np.ndarray  # [S, T_CAP, L]: per-layer cosine of the gradient with the previous step's
 
   @property
   def params(self):
@@ -112,7 +115,7 @@ def _optimizers(settings: Arm) -> list[optax.GradientTransformation]:
   return [make(schedule) for make in OPTIMIZERS.values()]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _init_fn():
   def init_state(params, rng):
     opts = _optimizers(arm(0, 1.0))  # the state layout does not depend on the lr
@@ -132,15 +135,16 @@ def init(params_S, rng_S=None) -> State:
   return _init_fn()(params_S, rng_S)
 
 
-def layer_cosines(a, b, config: ModelConfig):
-  """Returns [L]: the cosine between two gradients per decoder layer (all leaves of a layer as one vector)."""
-  out = []
+def layer_stats(a, b, config: ModelConfig):
+  """Returns ([L] ||a_l||, [L] cos(a_l, b_l)): per decoder layer l, all leaves of the layer as one vector."""
+  norms, cosines = [], []
   for la, lb in zip(layout.unstack(a, config), layout.unstack(b, config)):
     dot = sum(jnp.sum(x * y) for x, y in zip(jax.tree.leaves(la), jax.tree.leaves(lb)))
     na = jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(la)))
     nb = jnp.sqrt(sum(jnp.sum(y * y) for y in jax.tree.leaves(lb)))
-    out.append(dot / jnp.maximum(na * nb, 1e-30))
-  return jnp.stack(out)
+    norms.append(na)
+    cosines.append(dot / jnp.maximum(na * nb, 1e-30))
+  return jnp.stack(norms), jnp.stack(cosines)
 
 
 def _loss(params, batch: PreferenceBatch, ref_lp, settings: Arm, *, config: ModelConfig, gradient_mode: str,
@@ -161,24 +165,17 @@ def _loss(params, batch: PreferenceBatch, ref_lp, settings: Arm, *, config: Mode
   return jax.lax.switch(settings.objective, [branch(name) for name in OBJECTIVES], lp)
 
 
-@functools.lru_cache(maxsize=None)
+_LOCK = threading.Lock()  # simulations run in threads (harness jobs): one jitted function per program
+
+
+@functools.cache
 def _run_fn(config: ModelConfig, gradient_mode: str, batch_size: int, dropout: float):
   """Returns jit(vmap over seeds of `train_steps`); the Arm is unbatched."""
   if gradient_mode not in step_lib.GRADIENT_MODES:
     raise ValueError(f"gradient_mode must be one of {step_lib.GRADIENT_MODES}, got {gradient_mode!r}")
   grad_fn = jax.value_and_grad(functools.partial(_loss, config=config, gradient_mode=gradient_mode))
-  names = [f"grad/{diag_lib.layer_name(i, config.num_layers)}/norm" for i in range(config.num_layers)]
-  needs_ref = np.array(["ref_chosen" in _USES[name] for name in OBJECTIVES])
 
-  def reference(ref, batch):  # the frozen reference model's log-probs (as `example_logprobs`)
-    return jax.lax.stop_gradient(step_lib.response_logprobs(jax.lax.stop_gradient(ref), batch, config, "frozen"))
-
-  def no_reference(ref, batch):
-    del ref, batch
-    zero = obj.SeqLogProbs(*(jnp.zeros((batch_size,), jnp.float32),) * 3)
-    return zero, zero
-
-  def train_steps(state: State, ref, pool: PreferenceBatch, idx_TxB, settings: Arm):
+  def train_steps(state: State, ref_lp, pool: PreferenceBatch, idx_TxB, settings: Arm):
     opts = _optimizers(settings)
 
     def update(i, grads, opt_state, params):  # optimizer i's update; the others' states pass through
@@ -187,17 +184,16 @@ def _run_fn(config: ModelConfig, gradient_mode: str, batch_size: int, dropout: f
 
     def body(carry):
       t, (train, prev), out = carry
-      batch = jax.tree.map(lambda x: x[idx_TxB[t]], pool)
-      ref_lp = jax.lax.cond(jnp.asarray(needs_ref)[settings.objective], reference, no_reference, ref, batch)
+      batch, batch_ref_lp = jax.tree.map(lambda x: x[idx_TxB[t]], (pool, ref_lp))
       drop = (dropout, jax.random.fold_in(train.rng, train.step)) if dropout else (0.0, None)
       norm = optax.tree.norm(train.params)
-      loss, grads = grad_fn(train.params, batch, ref_lp, settings, dropout=drop)
+      loss, grads = grad_fn(train.params, batch, batch_ref_lp, settings, dropout=drop)
       updates, opt_state = jax.lax.switch(settings.optimizer, [functools.partial(update, i) for i in range(len(opts))],
                                           grads, train.opt_state, train.params)
       params = optax.apply_updates(train.params, updates)
-      layer_norms = diag_lib.layer_grad_norms(grads, config, per_matrix=False)
-      row = {"loss": loss, "update_norm": optax.tree.norm(updates), "param_norm": norm,
-             "grad_norm": jnp.stack([layer_norms[n] for n in names]), "grad_cos": layer_cosines(grads, prev, config)}
+      grad_norm, grad_cos = layer_stats(grads, prev, config)
+      row = {"loss": loss, "update_norm": optax.tree.norm(updates), "param_norm": norm, "grad_norm": grad_norm,
+             "grad_cos": grad_cos}
       out = {k: out[k].at[t].set(v) for k, v in row.items()}
       return t + 1, State(TrainState(params, opt_state, train.step + 1, train.rng), grads), out
 
@@ -209,20 +205,36 @@ def _run_fn(config: ModelConfig, gradient_mode: str, batch_size: int, dropout: f
   return jax.jit(jax.vmap(train_steps, in_axes=(0, 0, 0, 0, None)))
 
 
-def pad_pool(pool: PreferenceBatch, seeds: int) -> PreferenceBatch:
-  """Returns the pool padded to [S, P_CAP, ...]: per seed if it has a seed axis, else broadcast."""
-  per_seed = pool.context_BxC.ndim == 3
-  n = pool.context_BxC.shape[int(per_seed)]
+def per_seed(pool: PreferenceBatch, seeds: int) -> PreferenceBatch:
+  """Returns the pool with a leading seed axis [S, N, ...] (broadcast on the host if it has none)."""
+  if pool.context_BxC.ndim == 3:
+    return pool
+  return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x)[None], (seeds,) + x.shape), pool)
+
+
+def pad_pool(rows, seeds: int):
+  """Returns per-row data (a pool, or `reference_logprobs`) padded to [S, P_CAP, ...] on the host (an XLA
+  pad would compile once per pool shape); a pool without a seed axis is broadcast to every seed."""
+  if isinstance(rows, PreferenceBatch):
+    rows = per_seed(rows, seeds)
+  n = jax.tree.leaves(rows)[0].shape[1]
   if n > P_CAP:
     raise ValueError(f"a pool of {n} rows exceeds P_CAP = {P_CAP}")
+  return jax.tree.map(lambda x: np.pad(np.asarray(x), [(0, 0), (0, P_CAP - n)] + [(0, 0)] * (np.ndim(x) - 2)), rows)
 
-  def pad(x):  # on the host: an XLA pad would compile once per pool shape
-    x = np.asarray(x)
-    if not per_seed:
-      x = np.broadcast_to(x[None], (seeds,) + x.shape)
-    return np.pad(x, [(0, 0), (0, P_CAP - n)] + [(0, 0)] * (x.ndim - 2))
 
-  return jax.tree.map(pad, pool)
+@functools.cache
+def _reference_fn(config: ModelConfig):
+  def reference_logprobs(ref, pool):  # the frozen reference model's log-probs (as `example_logprobs`)
+    return step_lib.response_logprobs(jax.lax.stop_gradient(ref), pool, config, "frozen")
+  return jax.jit(jax.vmap(reference_logprobs))
+
+
+def reference_logprobs(config: ModelConfig, ref_S, pool: PreferenceBatch):
+  """Returns (chosen, rejected) `SeqLogProbs` [S, N] of every pool row under each seed's reference model
+  (frozen mode, no dropout): DPO / DPOP's reference, computed once for all the steps of a call."""
+  seeds = jax.tree.leaves(ref_S)[0].shape[0]
+  return _reference_fn(config)(ref_S, per_seed(pool, seeds))
 
 
 def pad_steps(idx_SxTxB) -> np.ndarray:
@@ -233,7 +245,7 @@ def pad_steps(idx_SxTxB) -> np.ndarray:
   return np.pad(idx, [(0, 0), (0, T_CAP - idx.shape[1]), (0, 0)])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _indices_fn(batch_size: int):
   def draw_indices(key, start, n):
     draw = lambda i: jax.random.randint(jax.random.fold_in(key, start + i), (batch_size,), 0, n)
@@ -252,7 +264,7 @@ def sample_indices(keys_S, n, batch_size: int, start: int = 0) -> np.ndarray:
 
 
 def run(config: ModelConfig, state: State, pool: PreferenceBatch, idx_SxTxB, settings: Arm, *,
-        gradient_mode: str = "full", ref_S=None, dropout: float = 0.0) -> Result:
+        gradient_mode: str = "full", ref_S=None, ref_lp=None, dropout: float = 0.0) -> Result:
   """Returns the Result of settings.steps train steps of every seed from `state` (module docstring).
 
   Args:
@@ -260,14 +272,23 @@ def run(config: ModelConfig, state: State, pool: PreferenceBatch, idx_SxTxB, set
     pool: the examples, [N, ...] shared by the seeds or [S, N, ...] per seed (N ≤ P_CAP).
     idx_SxTxB: step t of seed s trains on pool rows idx[s, t] (T ≤ T_CAP); its B is the batch size.
     settings: the call's traced settings (`arm`).
-    ref_S: the frozen reference model of DPO / DPOP (default: the params of `state`).
+    ref_S: the frozen reference model of DPO / DPOP (default: the params of `state`); or
+    ref_lp: its log-probs of the pool rows (`reference_logprobs`), when several calls share them.
     dropout: the train step's residual dropout rate (a separate compile when non-zero).
   """
+  if gradient_mode != "full" and bool(settings.nll_on_prompt):
+    raise ValueError("nll_on_prompt needs gradient_mode='full' (a frozen context takes no gradient)")
   seeds = jax.tree.leaves(state.train.params)[0].shape[0]
   idx = pad_steps(idx_SxTxB)
-  fn = _run_fn(config, gradient_mode, int(idx.shape[2]), float(dropout))
-  ref_S = state.train.params if ref_S is None else ref_S
-  new, out = fn(state, ref_S, pad_pool(pool, seeds), idx, settings)
+  with _LOCK:
+    fn = _run_fn(config, gradient_mode, int(idx.shape[2]), float(dropout))
+  if ref_lp is None:
+    if OBJECTIVES[int(settings.objective)] in ("dpo", "dpop"):
+      ref_lp = reference_logprobs(config, state.train.params if ref_S is None else ref_S, pool)
+    else:  # unused: zeros
+      zero = np.zeros((seeds, P_CAP), np.float32)
+      ref_lp = (obj.SeqLogProbs(zero, zero, zero),) * 2
+  new, out = fn(state, pad_pool(ref_lp, seeds), pad_pool(pool, seeds), idx, settings)
   return Result(new, **{k: np.asarray(v) for k, v in out.items()})
 
 
