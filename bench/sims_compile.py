@@ -33,9 +33,8 @@ pool = W.reference_pool(W.World.make(0))
 cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
 out = {}
 for mode in ("full", "frozen"):
-  fn = engine._run_fn(cfg, mode, W.BATCH, 0.0)
-  args = (engine.init(params), params, engine.pad_pool(pool, seeds), engine.sample_indices(keys, 1024, W.BATCH),
-          engine.arm(steps, 1e-3))
+  fn, args = engine.program(cfg, engine.init(params), pool, engine.sample_indices(keys, 1024, W.BATCH),
+                            engine.arm(steps, 1e-3), gradient_mode=mode)
   lowered = fn.trace(*args).lower()
   c0, t0 = cpu(), time.perf_counter()
   compiled = lowered.compile()

@@ -263,19 +263,9 @@ def sample_indices(keys_S, n, batch_size: int, start: int = 0) -> np.ndarray:
   return np.asarray(_indices_fn(int(batch_size))(keys_S, np.int32(start), n_S))
 
 
-def run(config: ModelConfig, state: State, pool: PreferenceBatch, idx_SxTxB, settings: Arm, *,
-        gradient_mode: str = "full", ref_S=None, ref_lp=None, dropout: float = 0.0) -> Result:
-  """Returns the Result of settings.steps train steps of every seed from `state` (module docstring).
-
-  Args:
-    state: states with a seed axis [S] (`init`, or a previous call's).
-    pool: the examples, [N, ...] shared by the seeds or [S, N, ...] per seed (N ≤ P_CAP).
-    idx_SxTxB: step t of seed s trains on pool rows idx[s, t] (T ≤ T_CAP); its B is the batch size.
-    settings: the call's traced settings (`arm`).
-    ref_S: the frozen reference model of DPO / DPOP (default: the params of `state`); or
-    ref_lp: its log-probs of the pool rows (`reference_logprobs`), when several calls share them.
-    dropout: the train step's residual dropout rate (a separate compile when non-zero).
-  """
+def program(config: ModelConfig, state: State, pool: PreferenceBatch, idx_SxTxB, settings: Arm, *,
+            gradient_mode: str = "full", ref_S=None, ref_lp=None, dropout: float = 0.0):
+  """Returns (the jitted program, its arguments) of `run` with these arguments (e.g. to lower and time it)."""
   if gradient_mode != "full" and bool(settings.nll_on_prompt):
     raise ValueError("nll_on_prompt needs gradient_mode='full' (a frozen context takes no gradient)")
   seeds = jax.tree.leaves(state.train.params)[0].shape[0]
@@ -288,7 +278,24 @@ def run(config: ModelConfig, state: State, pool: PreferenceBatch, idx_SxTxB, set
     else:  # unused: zeros
       zero = np.zeros((seeds, P_CAP), np.float32)
       ref_lp = (obj.SeqLogProbs(zero, zero, zero),) * 2
-  new, out = fn(state, pad_pool(ref_lp, seeds), pad_pool(pool, seeds), idx, settings)
+  return fn, (state, pad_pool(ref_lp, seeds), pad_pool(pool, seeds), idx, settings)
+
+
+def run(config: ModelConfig, state: State, pool: PreferenceBatch, idx_SxTxB, settings: Arm, **kw) -> Result:
+  """Returns the Result of settings.steps train steps of every seed from `state` (module docstring).
+
+  Args:
+    state: states with a seed axis [S] (`init`, or a previous call's).
+    pool: the examples, [N, ...] shared by the seeds or [S, N, ...] per seed (N ≤ P_CAP).
+    idx_SxTxB: step t of seed s trains on pool rows idx[s, t] (T ≤ T_CAP); its B is the batch size.
+    settings: the call's traced settings (`arm`).
+    gradient_mode: 'full' (default) or 'frozen'.
+    ref_S: the frozen reference model of DPO / DPOP (default: the params of `state`); or
+    ref_lp: its log-probs of the pool rows (`reference_logprobs`), when several calls share them.
+    dropout: the train step's residual dropout rate (a separate compile when non-zero).
+  """
+  fn, args = program(config, state, pool, idx_SxTxB, settings, **kw)
+  new, out = fn(*args)
   return Result(new, **{k: np.asarray(v) for k, v in out.items()})
 
 

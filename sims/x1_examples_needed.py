@@ -69,7 +69,7 @@ def indexed_finetune(config, params_AxS, pool_AxS, idx_AxSxTxB, active_AxS, lr_A
   (`sims.engine`, full backprop): step t trains on the batch pool[a, s][idx[a, s, t]]. After
   restart[a] steps (default: never) the params are saved as `snapshot` and a fresh optimizer state
   starts: a second fine-tuning job continues from them (e.g. a recovery phase on other index-table
-  rows); without a restart the snapshot is the params after the steps. rel_update is ||Δθ_t|| / ||θ_t||
+  rows); without a restart (restart ≥ T) the snapshot is the starting params. rel_update is ||Δθ_t|| / ||θ_t||
   per step, NaN after the last. Arms run one after another with the seeds vmapped; index tables,
   pools, step counts and lrs are traced (one compile per batch size and dropout rate). active,
   lr and restart are per arm (the same for every seed). dropout: the train step's residual
@@ -87,11 +87,12 @@ def indexed_finetune(config, params_AxS, pool_AxS, idx_AxSxTxB, active_AxS, lr_A
     run = lambda state, t0, n: engine.run(config, state, engine.take(pool_AxS, i), idx[i, :, t0:],
                                           engine.arm(n, float(lr_A[i]), optimizer=optimizer, objective=objective),
                                           dropout=dropout)
+    start = engine.take(params_AxS, i)
     first = int(min(restart_A[i], active_A[i]))
-    res = run(engine.init(engine.take(params_AxS, i), rng_S), 0, first)
-    snap, rel = res.params, [res.rel_update(first)]
+    res = run(engine.init(start, rng_S), 0, first)
+    snap, rel = (res.params if restart_A[i] < steps else start), [res.rel_update(first)]
     if first < active_A[i]:  # the second job: a fresh optimizer state from the snapshot
-      res = run(engine.init(snap, rng_S), first, int(active_A[i]) - first)
+      res = run(engine.init(res.params, rng_S), first, int(active_A[i]) - first)
       rel.append(res.rel_update(int(active_A[i]) - first))
     rel = np.concatenate(rel, axis=1)
     params.append(res.params)
